@@ -1,0 +1,20 @@
+# Quick start:  make demo   (set up, then chat with SmolLM2 and print measurements)
+#               make test   (set up, then run the whole test suite)
+PY := .venv/bin/python
+
+.PHONY: setup demo test bench book clean
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	$(PY) -m reference_engine demo
+
+test: setup
+	$(PY) -m pytest
+
+bench: setup
+	$(PY) -m reference_engine bench
+
+clean:
+	rm -rf .venv .pytest_cache

@@ -1,0 +1,143 @@
+"""`python -m reference_engine bench`: what the engine achieves on this machine, and how
+far that is from the memory-bandwidth bound.
+
+Decoding one token at batch 1 reads every weight once, so
+    tokens/s <= read bandwidth / bytes of weights read per token.
+The benchmark measures the bandwidth in the same run and prints the fraction reached.
+Every figure is a median of repeated runs; the baseline (HF transformers on the same
+fp32 weights) is measured in the same process, so the ratio is meaningful even on a
+noisy shared machine where the absolute numbers are not.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+
+import torch
+
+from .generate import generate
+from .perplexity import reference_text
+
+
+def read_bandwidth(n_bytes: int = 512 << 20, repeats: int = 7) -> float:
+    """Bytes/s for streaming a buffer larger than any cache (best of `repeats` sums)."""
+    buf = torch.ones(n_bytes // 4)  # ones, not empty: untouched pages would read as free
+    buf.sum()
+    best = min(_timed(buf.sum) for _ in range(repeats))
+    return n_bytes / best
+
+
+def weight_bytes_per_token(model) -> int:
+    """Bytes of parameters a batch-1 decode step reads. The embedding table is read in full
+    by the tied LM head; its row lookup adds nothing worth counting."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def peak_memory_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def bench_prefill(model, prompt: list[int], repeats: int = 3) -> tuple[float, float]:
+    """(prefill tokens/s, time to first token in s) for one prompt, medians."""
+    ttft = statistics.median(generate(model, [prompt], max_new_tokens=1).prefill_s for _ in range(repeats))
+    return len(prompt) / ttft, ttft
+
+
+def bench_decode(model, prompts: list[list[int]], new_tokens: int, repeats: int = 3) -> float:
+    """Aggregate decode tokens/s over the batch (no stop tokens, so every row runs to the end)."""
+    rates = []
+    for _ in range(repeats):
+        g = generate(model, prompts, max_new_tokens=new_tokens)
+        rates.append(len(prompts) * g.decode_steps / g.decode_s)
+    return statistics.median(rates)
+
+
+def bench_hf_decode(model, prompt: list[int], new_tokens: int, repeats: int = 3) -> float | None:
+    """HF transformers' `generate` decode tokens/s on the same fp32 weights, or None when
+    transformers is not installed. Decode time = time(1 + n tokens) - time(1 token)."""
+    try:
+        from .hf_baseline import hf_llama_from_engine
+    except ImportError:
+        return None
+    hf = hf_llama_from_engine(model)
+    ids = torch.tensor([prompt])
+
+    def run(n):
+        return _timed(lambda: hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                          min_new_tokens=n, do_sample=False))
+
+    run(4)  # warm-up
+    rates = [new_tokens / max(run(1 + new_tokens) - run(1), 1e-9) for _ in range(repeats)]
+    return statistics.median(rates)
+
+
+def run_bench(model, tokenizer, load_s: float, baseline: bool = True, new_tokens: int = 64) -> dict:
+    torch.manual_seed(0)
+    text_ids = tokenizer.encode(reference_text())
+    chat = tokenizer.encode(tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Explain what a KV cache is."}]))
+    generate(model, [chat], max_new_tokens=8)  # warm-up
+    context = model.config.max_seq_len
+    prefill_len = min(512, context // 2)  # tiny test models have short contexts
+    prefill_tok_s, ttft = bench_prefill(model, text_ids[:prefill_len])
+    chat = chat[-(context - new_tokens):]
+    decode_1 = bench_decode(model, [chat], new_tokens)
+    # 16 prompts of different lengths (16..76 tokens) taken from real text
+    batch = [text_ids[i * 200: i * 200 + 16 + 4 * i] for i in range(16)]
+    decode_16 = bench_decode(model, batch, new_tokens // 2, repeats=2)
+    bandwidth = read_bandwidth()
+    per_token = weight_bytes_per_token(model)
+    result = {
+        "load_s": load_s,
+        "prefill_tokens": prefill_len,
+        "prefill_tok_s": prefill_tok_s,
+        "ttft_s": ttft,
+        "decode_tok_s": decode_1,
+        "decode_tok_s_batch16": decode_16,
+        "batch16_speedup": decode_16 / decode_1,
+        "read_bandwidth_gb_s": bandwidth / 1e9,
+        "weight_mb_per_token": per_token / 1e6,
+        "bandwidth_bound_tok_s": bandwidth / per_token,
+        "bandwidth_fraction": decode_1 * per_token / bandwidth,
+        "peak_memory_mb": peak_memory_mb(),
+        "threads": torch.get_num_threads(),
+        "dtype": str(model.tok_embeddings.weight.dtype).removeprefix("torch."),
+    }
+    if baseline:
+        hf = bench_hf_decode(model, chat, new_tokens // 2)
+        result["hf_decode_tok_s"] = hf
+        result["speedup_vs_hf"] = None if hf is None else decode_1 / hf
+    return result
+
+
+def format_table(result: dict) -> str:
+    rows = [
+        ("load time", f"{result['load_s']:.2f} s"),
+        (f"prefill ({result['prefill_tokens']}-token prompt)", f"{result['prefill_tok_s']:.0f} tokens/s"),
+        ("time to first token (same prompt)", f"{result['ttft_s'] * 1e3:.0f} ms"),
+        ("decode, batch 1", f"{result['decode_tok_s']:.1f} tokens/s"),
+        ("decode, batch 16 (aggregate)", f"{result['decode_tok_s_batch16']:.1f} tokens/s "
+                                         f"({result['batch16_speedup']:.1f}x batch 1)"),
+        ("read bandwidth (measured)", f"{result['read_bandwidth_gb_s']:.1f} GB/s"),
+        ("weights read per token", f"{result['weight_mb_per_token']:.0f} MB ({result['dtype']})"),
+        ("bandwidth bound, batch 1", f"{result['bandwidth_bound_tok_s']:.1f} tokens/s"),
+        ("fraction of the bound reached", f"{result['bandwidth_fraction']:.0%}"),
+        ("peak memory (RSS)", f"{result['peak_memory_mb']:.0f} MB"),
+    ]
+    if result.get("hf_decode_tok_s") is not None:
+        rows.append(("HF transformers generate, batch 1", f"{result['hf_decode_tok_s']:.1f} tokens/s "
+                                                          f"(engine is {result['speedup_vs_hf']:.1f}x)"))
+    return format_rows(rows)
+
+
+def format_rows(rows: list[tuple[str, str]]) -> str:
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)

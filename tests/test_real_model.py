@@ -1,0 +1,51 @@
+"""The engine on the real SmolLM2-135M-Instruct file."""
+
+import torch
+
+from reference_engine.cli import stop_ids
+from reference_engine.generate import generate
+from reference_engine.perplexity import perplexity
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "<|im_start|>user\nWhat is 12 * 7?<|im_end|>\n<|im_start|>assistant\n",
+    "In 1969, the first humans walked on the Moon. Their names were",
+]
+
+
+def chat_ids(tokenizer, question):
+    return tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": question}]))
+
+
+def test_logits_match_hf_transformers_reading_the_same_file(smollm, hf_model):
+    model, tokenizer = smollm
+    for prompt in PROMPTS:
+        ids = torch.tensor([tokenizer.encode(prompt)])
+        with torch.inference_mode():
+            ours, theirs = model(ids), hf_model(ids).logits.float()
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4, msg=lambda m: f"{prompt!r}: {m}")
+
+
+def test_greedy_chat_knows_the_capital_of_france(smollm):
+    model, tokenizer = smollm
+    out = generate(model, [chat_ids(tokenizer, "What is the capital of France?")], max_new_tokens=24,
+                   stop_ids=stop_ids(tokenizer))
+    answer = tokenizer.decode(out.tokens[0])
+    assert "Paris" in answer and out.finish_reasons == ["stop"], answer
+
+
+def test_batched_chat_rows_answer_independently(smollm):
+    model, tokenizer = smollm
+    questions = ["Say hello.", "What is the capital of France?", "Name a color."]
+    out = generate(model, [chat_ids(tokenizer, q) for q in questions], max_new_tokens=24,
+                   stop_ids=stop_ids(tokenizer))
+    assert "Paris" in tokenizer.decode(out.tokens[1])
+    assert len({len(t) for t in out.tokens}) > 1, "rows should stop at different lengths"
+
+
+def test_perplexity_on_real_text_is_that_of_a_working_model(smollm):
+    model, tokenizer = smollm
+    ppl = perplexity(model, tokenizer, max_windows=2)
+    # A uniform guess scores 49152; broken RoPE layouts or norms land in the hundreds.
+    assert 3 < ppl < 25, ppl
