@@ -34,7 +34,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     B, H, T, D = q.shape
     n_kv = k.shape[1]
     group = H // n_kv
-    if T == 1 and group > 1:
+    if T == 1:
         # Decode step: one query per head. Query heads g*group .. g*group+group-1 share
         # K/V head g, so fold the group into the query-length axis and attend once per
         # K/V head: (B, KV, group, D) against (B, KV, L, D). No repeated K/V in memory.

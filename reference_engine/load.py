@@ -13,8 +13,11 @@ from .tokenizer import Tokenizer
 
 
 def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu") -> tuple[Transformer, Tokenizer]:
+               device: str | torch.device = "cpu", pack: bool = True) -> tuple[Transformer, Tokenizer]:
     """Load a Llama-architecture GGUF file; the default is SmolLM2-135M-Instruct.
+
+    pack: on the CPU in float32, also keep oneDNN-blocked copies of the weights for fast
+    decoding (`Transformer.pack_for_cpu`; doubles the memory of the weights).
 
     Example:
         model, tokenizer = load_model()
@@ -24,7 +27,10 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch
     config = config_from_gguf(reader)
     tokenizer = Tokenizer.from_gguf(reader)
     model = model_from_state_dict(config, state_dict_from_gguf(reader, config))
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False), tokenizer
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    if pack:
+        model.pack_for_cpu()
+    return model, tokenizer
 
 
 def load_tokenizer(path: str | os.PathLike | None = None) -> Tokenizer:

@@ -5,7 +5,7 @@ import torch
 
 from reference_engine.attention import attention, attention_reference
 from reference_engine.generate import pad_left
-from reference_engine.model import linear
+from reference_engine.model import PackedWeight, linear
 
 
 def test_logits_shape_and_dtype(any_tiny):
@@ -61,13 +61,30 @@ def test_fast_attention_matches_the_formula(T, L, H, KV):
     torch.testing.assert_close(attention(q, k, v, None, is_causal=T > 1), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("shape", [(1, 1, 16), (1, 16), (3, 16)])
-def test_split_linear_equals_f_linear(threads, shape):
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        w, b, x = torch.randn(24, 16), torch.randn(24), torch.randn(shape)
-        torch.testing.assert_close(linear(x, w, b), torch.nn.functional.linear(x, w, b))
-    finally:
-        torch.set_num_threads(before)
+@pytest.mark.parametrize("rows", [1, 3, 16, 64, 65])
+def test_packed_linear_equals_f_linear(rows):
+    w, b, x = torch.randn(48, 32), torch.randn(48), torch.randn(rows, 32)
+    packed = PackedWeight(w)
+    torch.testing.assert_close(linear(x, w, b, packed), torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(linear(x[:, None], w, None, packed), (x @ w.T)[:, None], rtol=1e-5, atol=1e-5)
+
+
+def test_a_stale_packed_copy_is_never_used():
+    w, x = torch.randn(48, 32), torch.randn(2, 32)
+    packed = PackedWeight(w)
+    with torch.no_grad():
+        w.mul_(2.0)  # edited in place after packing
+    torch.testing.assert_close(linear(x, w, None, packed), x @ w.T)
+    other = torch.randn(48, 32)  # a different tensor altogether
+    torch.testing.assert_close(linear(x, other, None, packed), x @ other.T)
+
+
+def test_packed_model_gives_the_same_logits(tiny):
+    ids = torch.randint(0, 300, (3, 6))
+    plain = tiny(ids)
+    assert tiny.pack_for_cpu()
+    tiny.setup_cache(3, 8)
+    packed_steps = torch.cat([tiny(ids[:, :4]), tiny(ids[:, 4:5], start=4), tiny(ids[:, 5:6], start=5)], dim=1)
+    tiny.clear_cache()
+    torch.testing.assert_close(packed_steps, plain, rtol=1e-4, atol=1e-4)
+    assert not tiny.double().pack_for_cpu(), "float64 has no packed path"
