@@ -38,6 +38,14 @@ def smollm():
     return load_model()
 
 
+@pytest.fixture(scope="session")
+def smollm64():
+    """The real model in float64: the engine's math without float32 rounding."""
+    from reference_engine import load_model
+
+    return load_model(dtype=torch.float64)
+
+
 def _smollm_dir_and_file():
     from reference_engine.gguf_loader import default_model_path
 

@@ -18,13 +18,27 @@ def chat_ids(tokenizer, question):
     return tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": question}]))
 
 
-def test_logits_match_hf_transformers_reading_the_same_file(smollm, hf_model):
-    model, tokenizer = smollm
+def test_logits_match_hf_transformers_reading_the_same_file(smollm64, hf_model):
+    """The engine's math (float64, so that only HF's float32 rounding is left) against
+    HF transformers' own GGUF loader and Llama implementation."""
+    model, tokenizer = smollm64
     for prompt in PROMPTS:
         ids = torch.tensor([tokenizer.encode(prompt)])
         with torch.inference_mode():
             ours, theirs = model(ids), hf_model(ids).logits.float()
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4, msg=lambda m: f"{prompt!r}: {m}")
+
+
+def test_float32_decoding_stays_close_to_float64(smollm, smollm64):
+    """The default model (float32, oneDNN-blocked weights while decoding) only adds rounding."""
+    ids = torch.tensor([smollm[1].encode(PROMPTS[3])])
+    with torch.inference_mode():
+        exact = smollm64[0](ids)
+        model = smollm[0]
+        model.setup_cache(1, ids.shape[1])
+        steps = [model(ids[:, :4])] + [model(ids[:, t:t + 1], start=t) for t in range(4, ids.shape[1])]
+        model.clear_cache()
+    torch.testing.assert_close(torch.cat(steps, dim=1), exact, rtol=0, atol=5e-4)
 
 
 def test_greedy_chat_knows_the_capital_of_france(smollm):
