@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from . import cpu_kernels
 from .generate import generate
 from .perplexity import reference_text
 
@@ -110,6 +111,7 @@ def run_bench(model, tokenizer, load_s: float, baseline: bool = True, new_tokens
         "peak_memory_mb": peak_memory_mb(),
         "threads": torch.get_num_threads(),
         "dtype": str(model.tok_embeddings.weight.dtype).removeprefix("torch."),
+        "decode_matmul": cpu_kernels.status(),
     }
     if baseline:
         hf = bench_hf_decode(model, chat, new_tokens // 2)
@@ -131,6 +133,7 @@ def format_table(result: dict) -> str:
         ("bandwidth bound, batch 1", f"{result['bandwidth_bound_tok_s']:.1f} tokens/s"),
         ("fraction of the bound reached", f"{result['bandwidth_fraction']:.0%}"),
         ("peak memory (RSS)", f"{result['peak_memory_mb']:.0f} MB"),
+        ("decode matmuls", result["decode_matmul"]),
     ]
     if result.get("hf_decode_tok_s") is not None:
         rows.append(("HF transformers generate, batch 1", f"{result['hf_decode_tok_s']:.1f} tokens/s "

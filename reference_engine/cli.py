@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = with_model(sub.add_parser("bench", help="prefill/decode speed, bandwidth bound, memory"))
     b.add_argument("--json", action="store_true", help="also print one JSON object on the last line")
     b.add_argument("--no-baseline", action="store_true", help="skip the HF transformers baseline")
+    sub.add_parser("build-kernels", help="build the optional compiled CPU kernel for decoding (once per machine)")
     return parser
 
 
@@ -197,5 +198,13 @@ def cmd_bench(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "demo": cmd_demo, "perplexity": cmd_perplexity,
+def cmd_build_kernels(args) -> int:
+    from . import cpu_kernels
+
+    kernel = cpu_kernels.skinny_matmul_kernel(build=True)
+    print(f"decode matmuls: {cpu_kernels.status()}" + (f" (built in {cpu_kernels.build_dir()})" if kernel else ""))
+    return 0  # the engine works without the kernel: not an error
+
+
+COMMANDS = {"build-kernels": cmd_build_kernels, "generate": cmd_generate, "chat": cmd_chat, "demo": cmd_demo, "perplexity": cmd_perplexity,
             "bench": cmd_bench}

