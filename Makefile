@@ -2,7 +2,7 @@
 #               make test   (set up, then run the whole test suite)
 PY := .venv/bin/python
 
-.PHONY: setup demo test bench book clean
+.PHONY: setup demo test bench exercises clean
 
 setup:
 	@bash scripts/setup.sh
@@ -15,6 +15,10 @@ test: setup
 
 bench: setup
 	$(PY) -m reference_engine bench
+
+# Regenerate exercises/ from solutions/ with nbgrader (a test fails when they differ).
+exercises: setup
+	$(PY) -m reference_engine make-exercises
 
 clean:
 	rm -rf .venv .pytest_cache

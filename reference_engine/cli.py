@@ -47,6 +47,22 @@ def build_parser() -> argparse.ArgumentParser:
     b = with_model(sub.add_parser("bench", help="prefill/decode speed, bandwidth bound, memory"))
     b.add_argument("--json", action="store_true", help="also print one JSON object on the last line")
     b.add_argument("--no-baseline", action="store_true", help="skip the HF transformers baseline")
+    gr = sub.add_parser("grade", help="grade an exercise notebook (or .py module) with the trusted grader")
+    gr.add_argument("path", help="your exercise notebook, for example exercises/00_warmup.ipynb")
+    gr.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    gr.add_argument("--task", metavar="ID", help="grade one task only, for example 0.1")
+    gr.add_argument("--timeout", type=float, default=60.0, help="seconds per task (default 60)")
+    pr = sub.add_parser("progress", help="tasks passed per chapter in a folder of exercise notebooks")
+    pr.add_argument("folder", nargs="?", default="exercises", help="default: exercises")
+    pr.add_argument("--json", action="store_true")
+    gc = sub.add_parser("grade-class", help="grade an nbgrader submitted/ tree with the trusted grader, "
+                                             "writing scores into the gradebook")
+    gc.add_argument("course", help="the nbgrader course folder (with gradebook.db and submitted/)")
+    gc.add_argument("assignment", help="assignment name, for example 00_warmup")
+    gc.add_argument("--json", action="store_true")
+    mk = sub.add_parser("make-exercises", help="generate exercises/ from solutions/ with nbgrader")
+    mk.add_argument("--solutions", default="solutions")
+    mk.add_argument("--exercises", default="exercises")
     sub.add_parser("build-kernels", help="build the optional compiled CPU kernel for decoding (once per machine)")
     return parser
 
@@ -198,6 +214,45 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_grade(args) -> int:
+    from .grading.grader import grade_path
+    from .grading.report import format_report
+
+    report = grade_path(args.path, task_id=args.task, timeout_s=args.timeout)
+    print(json.dumps(report.to_dict()) if args.json else format_report(report))
+    return 0 if report.all_passed else 1
+
+
+def cmd_progress(args) -> int:
+    from .grading.progress import format_progress, progress
+
+    rows = progress(args.folder)
+    print(json.dumps(rows) if args.json else format_progress(rows, args.folder))
+    return 0
+
+
+def cmd_grade_class(args) -> int:
+    from .grading.classroom import grade_class
+
+    rows = grade_class(args.course, args.assignment)
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        for row in rows:
+            tasks = ", ".join(f"{t}: {s:g}" for t, s in row["scores"].items())
+            print(f"  {row['student']:<16} {row['notebook']:<16} {row['score']:g}/{row['max_score']}  ({tasks})")
+        print(f"wrote {len(rows)} trusted scores into {args.course}/gradebook.db")
+    return 0
+
+
+def cmd_make_exercises(args) -> int:
+    from .grading.release import make_exercises
+
+    for path in make_exercises(args.solutions, args.exercises):
+        print(f"wrote {path}")
+    return 0
+
+
 def cmd_build_kernels(args) -> int:
     from . import cpu_kernels
 
@@ -206,5 +261,5 @@ def cmd_build_kernels(args) -> int:
     return 0  # the engine works without the kernel: not an error
 
 
-COMMANDS = {"build-kernels": cmd_build_kernels, "generate": cmd_generate, "chat": cmd_chat, "demo": cmd_demo, "perplexity": cmd_perplexity,
+COMMANDS = {"build-kernels": cmd_build_kernels, "grade": cmd_grade, "grade-class": cmd_grade_class, "make-exercises": cmd_make_exercises, "progress": cmd_progress, "generate": cmd_generate, "chat": cmd_chat, "demo": cmd_demo, "perplexity": cmd_perplexity,
             "bench": cmd_bench}

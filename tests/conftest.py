@@ -11,6 +11,22 @@ from tiny_gguf import tiny_llama  # noqa: E402
 from reference_engine import ModelConfig, Transformer  # noqa: E402
 
 
+def pytest_addoption(parser):
+    parser.addoption("--notebook", default=None, metavar="PATH",
+                     help="exercise notebook (or .py module) for tests/graders to grade; "
+                          "default: each chapter's solution notebook (the graders' self-test)")
+
+
+def pytest_configure(config):
+    from reference_engine.grading.tasks import CHAPTERS, load_chapters
+
+    load_chapters()
+    for chapter, tasks in CHAPTERS.items():
+        config.addinivalue_line("markers", f"{chapter}: graded checks of chapter {chapter}")
+        for task in tasks:
+            config.addinivalue_line("markers", f"task_{task.id.replace('.', '_')}: checks of task {task.id} ({task.title})")
+
+
 @pytest.fixture
 def tiny():
     return tiny_llama()

@@ -1,0 +1,1 @@
+"""The trusted grader: checks for learners' code, run three ways (CLI, pytest, notebook cells)."""

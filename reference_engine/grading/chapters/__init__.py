@@ -1,0 +1,1 @@
+"""One module per chapter; each registers its graded tasks."""

@@ -1,0 +1,189 @@
+"""Judge what a learner's function did (as observed by `observe.py`) against the float64
+reference. Runs in the trusted process only; every message names the property that
+broke and what to look at."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+
+import torch
+
+from .tasks import Case, Task
+
+
+@dataclass
+class CheckResult:
+    task: str
+    name: str
+    passed: bool
+    points: int  # earned
+    max_points: int
+    message: str = ""
+    status: str = ""  # "pass", "fail" or "inconclusive" (a speed check too noisy to decide)
+
+    def __post_init__(self):
+        self.status = self.status or ("pass" if self.passed else "fail")
+
+    def to_dict(self) -> dict:
+        return {"task": self.task, "name": self.name, "passed": self.passed, "points": self.points,
+                "max_points": self.max_points, "status": self.status, "message": self.message}
+
+
+def all_fail(task: Task, message: str) -> list[CheckResult]:
+    return [CheckResult(task.id, name, False, 0, c.points, message) for name, c in task.all_checks().items()]
+
+
+def blocking_problem(task: Task, observed: dict, cases: list[Case]) -> str | None:
+    """A problem that makes every check of the task fail: wrong signature, stub, forbidden op."""
+    params = observed["signature"]
+    if params[: len(task.params)] != list(task.params):
+        want = ", ".join(task.params)
+        return (f"{task.function} must take the parameters ({want}) in this order; yours takes "
+                f"({', '.join(map(str, params))}). Keep the signature given in the notebook.")
+    errors = [c["error"] for c in observed["calls"]]
+    if errors and all(e and e.startswith("NotImplementedError") for e in errors):
+        return f"not implemented yet ({errors[0]})"
+    used = [name for op, name in task.forbidden_ops.items() if op in (observed.get("ops") or [])]
+    if used:
+        return (f"uses {', '.join(sorted(set(used)))}, which this task asks you to write yourself "
+                "(no points for the task while it is used)")
+    return None
+
+
+def compare(task: Task, case: Case, record: dict) -> str | None:
+    """None if the call's output matches the float64 reference, else what is wrong."""
+    if record["error"]:
+        return f"raised {record['error']} ({case.note})"
+    out = record["output"]
+    if not isinstance(out, torch.Tensor):
+        return f"returned {out if isinstance(out, str) else type(out).__name__}, not a torch.Tensor ({case.note})"
+    expected = task.reference(*[a.double() if _is_float(a) else a for a in case.args], **case.kwargs)
+    if out.shape != expected.shape:
+        return f"output shape {tuple(out.shape)}, expected {tuple(expected.shape)} ({case.note})"
+    got = out.double()
+    finite = torch.isfinite(expected)
+    if not torch.isfinite(got[finite]).all():
+        return f"inf or NaN where the answer is finite ({case.note})"
+    if not torch.equal(torch.isnan(got), torch.isnan(expected)):
+        return f"NaN in the wrong places ({case.note})"
+    close = torch.isclose(got, expected, rtol=task.rtol, atol=task.atol, equal_nan=True)
+    if not close.all():
+        i = int((~close).flatten().nonzero()[0])
+        return (f"wrong values ({case.note}): at flat index {i} got {got.flatten()[i].item():.6g}, "
+                f"expected {expected.flatten()[i].item():.6g}; {int((~close).sum())} of {close.numel()} differ")
+    return None
+
+
+def _is_float(a) -> bool:
+    return isinstance(a, torch.Tensor) and a.is_floating_point()
+
+
+def judge_values(task: Task, cases: list[Case], observed: dict) -> list[CheckResult]:
+    results = []
+    for name, check in task.checks.items():
+        problems = [p for case, rec in zip(cases, observed["calls"]) if case.check == name
+                    for p in [compare(task, case, rec)] if p]
+        message = "" if not problems else f"{problems[0]}. Hint: {check.hint}"
+        results.append(CheckResult(task.id, name, not problems, 0 if problems else check.points, check.points, message))
+    return results
+
+
+def judge_common(task: Task, cases: list[Case], observed: dict, same_object: dict | None) -> list[CheckResult]:
+    checks = Task.COMMON
+    problems = {name: None for name in checks}
+    for case, rec in zip(cases, observed["calls"]):
+        out = rec["output"]
+        if problems["output_type"] is None and not rec["error"]:
+            first_float = next((a for a in case.args if _is_float(a)), None)
+            if not isinstance(out, torch.Tensor):
+                problems["output_type"] = f"returned {out if isinstance(out, str) else type(out).__name__} ({case.note})"
+            elif first_float is not None and out.dtype != first_float.dtype:
+                problems["output_type"] = f"returned dtype {out.dtype} for {first_float.dtype} input ({case.note})"
+        if problems["inputs_unchanged"] is None and rec["inputs_after"] is not None:
+            for before, after in zip(case.args, rec["inputs_after"]):
+                if isinstance(before, torch.Tensor) and not (isinstance(after, torch.Tensor) and torch.equal(before, after)):
+                    problems["inputs_unchanged"] = f"an input tensor was modified by the call ({case.note})"
+                    break
+    if same_object is not None:
+        rec = observed.get("same_object") or {"output": None, "error": "not observed"}
+        probe = Case("no_caching", same_object["second"], same_object["kwargs"],
+                     "same tensor object, new values written into it")
+        problems["no_caching"] = compare(task, probe, rec)
+    results = []
+    for name, check in checks.items():
+        p = problems[name]
+        results.append(CheckResult(task.id, name, p is None, 0 if p else check.points, check.points,
+                                   "" if p is None else f"{p}. Hint: {check.hint}"))
+    return results
+
+
+def gate(results: list[CheckResult], main: CheckResult) -> list[CheckResult]:
+    """Properties of a working function (type, untouched inputs, no caching) score only
+    once the task's main value check passes: returning torch.zeros_like(x) earns nothing."""
+    if main.passed:
+        return results
+    return [r if not r.passed else CheckResult(r.task, r.name, False, 0, r.max_points,
+                                               f"not counted until the '{main.name}' check passes")
+            for r in results]
+
+
+def speed_ratios(speed: dict) -> list[float]:
+    return [c / b for c, b in zip(speed["candidate"], speed["baseline"]) if b > 0]
+
+
+def judge_speed(task: Task, measurements: list[dict], values_ok: bool) -> tuple[CheckResult, bool]:
+    """Decide from interleaved pairs: the median of per-pair ratios, pooled over rounds.
+    Returns (result, wants_another_round)."""
+    spec, points = task.speed, task.all_checks()["speed"].points
+    if not values_ok:
+        return CheckResult(task.id, "speed", False, 0, points, "not timed: correctness checks come first"), False
+    errors = [m.get("error") for m in measurements if m and m.get("error")]
+    ratios = [r for m in measurements if m for r in speed_ratios(m)]
+    if errors or not ratios:
+        return CheckResult(task.id, "speed", False, 0, points, f"could not be timed: {errors[0] if errors else 'no timings'}"), False
+    med = statistics.median(ratios)
+    q = statistics.quantiles(ratios, n=4) if len(ratios) >= 4 else [med, med, med]
+    spread = (q[2] - q[0]) / med if med > 0 else math.inf
+    base = statistics.median(t for m in measurements for t in m["baseline"])
+    cand = statistics.median(t for m in measurements for t in m["candidate"])
+    figures = (f"yours {_fmt_s(cand)} vs baseline {_fmt_s(base)} per call: ratio {med:.2f} "
+               f"(median of {len(ratios)} interleaved pairs), target <= {spec.max_ratio:g}")
+    noisy = spread > 0.3
+    clearly_fast = med <= spec.max_ratio and not noisy
+    clearly_slow = med > spec.max_ratio * 1.15 and not noisy
+    if not (clearly_fast or clearly_slow) and len(measurements) < 3:
+        return None, True  # ambiguous or noisy: measure again
+    if med <= spec.max_ratio:
+        note = " Faster than 10x the baseline: flagged for review." if med < 0.1 else ""
+        return CheckResult(task.id, "speed", True, points, points, figures + "." + note), False
+    if noisy:
+        return CheckResult(task.id, "speed", True, points, points,
+                           f"inconclusive, the machine was too noisy to decide (spread {spread:.0%}); "
+                           f"points given, re-run to confirm: {figures}.", status="inconclusive"), False
+    return CheckResult(task.id, "speed", False, 0, points, f"too slow: {figures}. Hint: {spec.why}"), False
+
+
+def judge_task(task: Task, cases: list[Case], observed: dict, same_object: dict | None,
+               remeasure) -> list[CheckResult]:
+    """Every check of a task, from what was observed. remeasure(round) -> a new speed
+    measurement, asked for when the first one is too noisy or too close to call."""
+    blocking = blocking_problem(task, observed, cases)
+    if blocking:
+        return all_fail(task, blocking)
+    results = judge_values(task, cases, observed)
+    results += gate(judge_common(task, cases, observed, same_object), results[0])
+    if task.speed is not None:
+        values_ok = all(r.passed for r in results)
+        measurements = [observed.get("speed")]
+        verdict, again = judge_speed(task, measurements, values_ok)
+        while again:
+            measurements.append(remeasure(len(measurements)))
+            verdict, again = judge_speed(task, measurements, values_ok)
+        results.append(verdict)
+    return results
+
+
+def _fmt_s(seconds: float) -> str:
+    return f"{seconds * 1e3:.2f} ms" if seconds >= 1e-3 else f"{seconds * 1e6:.0f} us"

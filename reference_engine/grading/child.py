@@ -1,0 +1,107 @@
+"""The sandboxed child: runs a learner's code and reports observations, nothing else.
+
+Started by `sandbox.py` as `python -I child.py PRIVATE_DIR`, in an empty working
+directory, in its own process group, with memory and CPU limits. It never imports the
+reference_engine package. Order matters:
+
+  1. read the job, open the results file, and build the trusted pieces (the observer
+     and the timing baseline) while no learner code exists in the process;
+  2. install audit hooks (PEP 578: they cannot be removed) that refuse to open the
+     protected folders or the results file, to write outside the working directory,
+     to import protected modules, and to start processes or load native libraries;
+  3. run the learner's cells one by one, each error recorded and the next cell run;
+  4. call the function as the job asks, writing results after every stage, so a crash
+     or a kill still leaves what was observed before it.
+
+The parent loads the results with torch.load(weights_only=True): only tensors and plain
+data can come back, and the parent trusts nothing else from this process.
+"""
+
+import os
+import sys
+
+import torch
+
+PRIVATE = sys.argv[1]
+job = torch.load(os.path.join(PRIVATE, "job.pt"), weights_only=True)
+results_file = open(os.path.join(PRIVATE, "results.pt"), "wb")  # noqa: SIM115 (kept open on purpose)
+results = {"cells": [], "found": False, "observed": None}
+
+
+def save():
+    results_file.seek(0)
+    results_file.truncate()
+    torch.save(results, results_file)
+    results_file.flush()
+
+
+observer = {"__name__": "dojo_observer"}
+exec(compile(job["observe_source"], "observe.py", "exec"), observer)
+baseline = None
+if job.get("baseline_source"):
+    namespace = {"__name__": "dojo_baseline"}
+    exec(compile(job["baseline_source"], "baseline", "exec"), namespace)
+    baseline = namespace[job["baseline_name"]]
+torch.set_num_threads(1)
+save()
+
+# -- the walls -----------------------------------------------------------------------------
+
+WORKDIR = os.path.realpath(os.getcwd())
+PROTECTED = [os.path.realpath(p) for p in job["protected_paths"]] + [os.path.realpath(PRIVATE)]
+BLOCKED_MODULES = tuple(job["blocked_modules"])
+REFUSED_EVENTS = {
+    "subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty",
+    "os.kill", "os.killpg", "ctypes.dlopen", "ctypes.dlsym", "socket.connect", "socket.bind",
+    "gc.get_objects", "gc.get_referrers", "gc.get_referents", "sys.addaudithook", "shutil.rmtree",
+}
+
+
+def _inside(path, folder):
+    return path == folder or path.startswith(folder + os.sep)
+
+
+def audit(event, args):
+    if event == "open":
+        path, mode = args[0], args[1]
+        if isinstance(path, int) or path is None:
+            return
+        path = os.path.realpath(os.fsdecode(path))
+        if any(_inside(path, p) for p in PROTECTED):
+            raise PermissionError(f"graded code may not open {path}")
+        writing = isinstance(mode, str) and any(c in mode for c in "wax+")
+        if writing and not (_inside(path, WORKDIR) or path == os.devnull):
+            raise PermissionError(f"graded code may only write inside its working directory, not {path}")
+    elif event == "import":
+        name = args[0] or ""
+        if any(name == b or name.startswith(b + ".") for b in BLOCKED_MODULES):
+            raise ImportError(f"graded code may not import {name}")
+    elif event in REFUSED_EVENTS:
+        raise PermissionError(f"graded code may not use {event}")
+
+
+sys.addaudithook(audit)
+
+# -- the learner's code ------------------------------------------------------------------------
+
+learner = {"__name__": "__main__"}
+for index, source in enumerate(job["cells"]):
+    status = {"error": None}
+    results["cells"].append(status)
+    try:
+        exec(compile(source, f"<cell {index + 1}>", "exec"), learner)
+    except BaseException as e:  # SystemExit and KeyboardInterrupt too: the next cell still runs
+        status["error"] = observer["describe_error"](e)
+    save()
+
+fn = learner.get(job["function"])
+results["found"] = callable(fn)
+save()
+if callable(fn):
+    def progress(observed):
+        results["observed"] = observed
+        save()
+
+    observer["run_job"](fn, job, baseline, progress)
+results_file.close()
+os._exit(0)  # skip interpreter teardown: learner objects with odd finalizers cannot hang us

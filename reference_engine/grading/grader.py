@@ -1,0 +1,153 @@
+"""Grade a notebook or module: for each task, run the learner's code in a sandboxed child,
+then judge what came back. This is the trusted path behind `python -m reference_engine
+grade` and `pytest tests/graders`."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import DojoError
+from . import checks
+from .sandbox import run_child
+from .source import Cell, read_cells, scan
+from .tasks import CHAPTERS, TASKS, Case, Task, load_chapters
+
+
+@dataclass
+class Report:
+    path: str
+    results: list[checks.CheckResult] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # cells that were not run, and why
+
+    @property
+    def score(self) -> int:
+        return sum(r.points for r in self.results)
+
+    @property
+    def max_score(self) -> int:
+        return sum(r.max_points for r in self.results)
+
+    @property
+    def all_passed(self) -> bool:
+        return all(r.passed for r in self.results)
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "score": self.score, "max_score": self.max_score,
+                "notes": self.notes, "checks": [r.to_dict() for r in self.results]}
+
+
+def build_cases(task: Task, seeds: tuple[int, ...] | None = None) -> list[Case]:
+    """Cases for the given seeds (default: the visible and the hidden ones)."""
+    cases = []
+    for seed in seeds if seeds is not None else task.seeds + task.hidden_seeds:
+        cases += task.make_cases(torch.Generator().manual_seed(seed))
+    return cases
+
+
+def build_job(task: Task, cells: list[str], cases: list[Case]) -> dict:
+    """Everything the child needs, as plain data. The parent keeps `cases` to judge with."""
+    g = torch.Generator().manual_seed(1234)
+    probe = next(c for c in cases if c.check == next(iter(task.checks)))
+    second = [torch.randn(a.shape, generator=g, dtype=a.dtype) if _is_float(a) else a for a in probe.args]
+    job = {
+        "cells": cells, "function": task.function, "blocked_modules": list(task.blocked_modules),
+        "calls": [{"args": c.args, "kwargs": c.kwargs} for c in cases],
+        "same_object": {"first": probe.args, "second": second, "kwargs": probe.kwargs},
+        "ops_call": 0,
+    }
+    if task.speed is not None:
+        job.update(speed_job(task))
+    return job
+
+
+def speed_job(task: Task, round_: int = 0) -> dict:
+    spec = task.speed
+    g = torch.Generator().manual_seed(10_000 + round_)
+    return {"speed": {"inputs": [spec.make_inputs(g) for _ in range(spec.pairs)], "kwargs": spec.kwargs},
+            "baseline_source": inspect.cleandoc(spec.baseline_source), "baseline_name": spec.baseline_name}
+
+
+def _is_float(a) -> bool:
+    return isinstance(a, torch.Tensor) and a.is_floating_point()
+
+
+def grade_task(task: Task, cells: list[Cell], timeout_s: float = 60.0) -> list[checks.CheckResult]:
+    runnable = [c.source for c in cells if c.problem is None]
+    cases = build_cases(task)
+    job = build_job(task, runnable, cases)
+    run = run_child(job, timeout_s=timeout_s)
+    problem = child_problem(task, run, cells)
+    if problem:
+        return checks.all_fail(task, problem)
+    return checks.judge_task(task, cases, run.results["observed"], job["same_object"],
+                             lambda round_: measure_speed(task, runnable, round_, timeout_s))
+
+
+def measure_speed(task: Task, cells: list[str], round_: int, timeout_s: float = 60.0) -> dict | None:
+    """One more speed measurement in a fresh child (inputs seeded by the round)."""
+    job = {"cells": cells, "function": task.function, "calls": [], "ops_call": None,
+           "blocked_modules": list(task.blocked_modules), **speed_job(task, round_)}
+    run = run_child(job, timeout_s=timeout_s)
+    return ((run.results or {}).get("observed") or {}).get("speed")
+
+
+def child_problem(task: Task, run, cells: list[Cell]) -> str | None:
+    """Why nothing (or not enough) came back from the child, in the learner's terms."""
+    res = run.results
+    if res is None or res.get("observed") is None:
+        ran = [] if res is None else res["cells"]
+        errors = [f"cell {_runnable_number(cells, i)} raised {c['error']}" for i, c in enumerate(ran) if c["error"]]
+        refused = [c.problem for c in cells if c.problem]
+        if run.timed_out:
+            where = "while calling it" if res and res.get("found") else "while running the notebook's cells"
+            return f"did not finish within the time limit {where} (an endless loop, or far too slow?)"
+        if res is not None and not res["found"]:
+            why = "; ".join(refused + errors) or "no cell defines it"
+            return f"no function named {task.function} was found ({why})"
+        if res is not None and res.get("found"):
+            return ("the grading process ended while calling your function (os._exit, sys.exit, a crash, or "
+                    "more memory than the limit)")
+        return ("the grading process ended before reporting anything (os._exit, a crash, or more memory than "
+                "the limit in your top-level code)")
+    return None
+
+
+def _runnable_number(cells: list[Cell], index: int) -> int:
+    return [c for c in cells if c.problem is None][index].number
+
+
+def resolve_tasks(cells: list[Cell], path: Path, task_id: str | None) -> list[Task]:
+    """The tasks to grade: the one asked for, or the chapter named by the file, or the
+    chapter whose functions the code defines."""
+    load_chapters()
+    if task_id is not None:
+        if task_id not in TASKS:
+            raise DojoError(f"unknown task {task_id!r}; tasks are {', '.join(sorted(TASKS))}")
+        return [TASKS[task_id]]
+    stem = path.stem.lower()
+    for chapter, tasks in CHAPTERS.items():
+        if stem.startswith(chapter.removeprefix("ch")) or stem.startswith(chapter):
+            return tasks
+    text = "\n".join(c.source for c in cells)
+    for chapter, tasks in CHAPTERS.items():
+        if any(f"def {t.function}(" in text for t in tasks):
+            return tasks
+    raise DojoError(f"{path} matches no chapter: name it like the exercise notebook (for example "
+                    f"{next(iter(CHAPTERS)).removeprefix('ch')}.ipynb) or pass --task ID")
+
+
+def grade_path(path: str | Path, task_id: str | None = None, timeout_s: float = 60.0) -> Report:
+    path = Path(path)
+    cells = read_cells(path)
+    tasks = resolve_tasks(cells, path, task_id)
+    blocked = tuple(sorted({m for t in tasks for m in t.blocked_modules}))
+    for cell in cells:
+        cell.problem = scan(cell, blocked)
+    report = Report(str(path), notes=[f"not run: {c.problem}" for c in cells if c.problem])
+    for task in tasks:
+        report.results += grade_task(task, cells, timeout_s)
+    return report

@@ -1,0 +1,73 @@
+"""`check(task_id, fn)`: the graded test cells' entry point, inside the learner's kernel.
+
+The same observations and the same judgements as the trusted grader, run in-process for
+instant feedback and for nbgrader's autograde. Two nbgrader traps shape it:
+  - any output on stderr makes nbgrader zero the cell, so everything runs with file
+    descriptor 2 pointed at /dev/null (the profiler's C++ layer writes there directly);
+  - a cell that ends in an expression gets credit unless it raises, so `check` raises
+    AssertionError on any failed check and returns None.
+Code in the same kernel can defeat these checks (see grader.py for the path that it
+cannot); they are for feedback, and for classes that accept that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import warnings
+
+from . import checks, observe
+from .grader import build_cases, build_job
+from .tasks import TASKS, load_chapters
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(open(os.devnull, "w")):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def run_checks(task_id: str, fn, hidden: bool = False) -> list[checks.CheckResult]:
+    load_chapters()
+    task = TASKS[task_id]
+    cases = build_cases(task, task.hidden_seeds if hidden else task.seeds)
+    job = build_job(task, [], cases)
+    baseline = None
+    if task.speed is not None:
+        namespace = {}
+        exec(compile(job["baseline_source"], "baseline", "exec"), namespace)
+        baseline = namespace[job["baseline_name"]]
+    with quiet_stderr():
+        observed = observe.run_job(fn, job, baseline)
+
+    def remeasure(_round: int) -> dict:
+        with quiet_stderr():
+            return observe.observe_speed(fn, baseline, job["speed"]["inputs"], job["speed"]["kwargs"])
+
+    return checks.judge_task(task, cases, observed, job["same_object"], remeasure)
+
+
+def check(task_id: str, fn, hidden: bool = False) -> None:
+    """Run task `task_id`'s checks on `fn`. Prints a short summary; raises AssertionError
+    naming every failed check (with a hint) when anything fails."""
+    results = run_checks(task_id, fn, hidden)
+    failed = [r for r in results if not r.passed]
+    score, total = sum(r.points for r in results), sum(r.max_points for r in results)
+    label = "hidden checks" if hidden else "checks"
+    if failed:
+        lines = [f"Task {task_id}: {score}/{total} points; {len(failed)} {label} failed:"]
+        lines += [f"  - {r.name}: {r.message}" for r in failed]
+        raise AssertionError("\n".join(lines))
+    print(f"Task {task_id}: all {len(results)} {label} pass ({score}/{total} points).")
+

@@ -1,0 +1,96 @@
+"""What a graded task is: the function a learner writes, the cases it is called on, the
+float64 reference it is compared with, and the checks that award its points.
+
+Chapters define their tasks in `grading/chapters/`; `TASKS` collects them by id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class Case:
+    """One call: f(*args, **kwargs), judged by the check named `check`."""
+
+    check: str
+    args: list
+    kwargs: dict = field(default_factory=dict)
+    note: str = ""  # shown on failure, e.g. "shape (3, 5, 7), dim=0"
+
+
+@dataclass
+class Check:
+    points: int
+    hint: str  # what the learner should look at when this check fails
+
+
+@dataclass
+class Speed:
+    """Candidate time / baseline time must stay at or below `max_ratio`, measured in the
+    same process (see `checks.judge_speed`)."""
+
+    baseline_source: str  # Python source defining `baseline_name`, run in the child
+    baseline_name: str
+    make_inputs: Callable[[torch.Generator], list]  # fresh arguments for one timed pair
+    max_ratio: float
+    why: str  # the reason a naive version misses the target
+    kwargs: dict = field(default_factory=dict)
+    pairs: int = 21
+
+
+@dataclass
+class Task:
+    id: str  # "0.1"
+    chapter: str  # pytest marker and notebook name stem, "ch00_warmup"
+    title: str
+    function: str  # the name the learner's code must define
+    params: tuple[str, ...]  # required parameter names, in order
+    reference: Callable  # float64 oracle, called in the trusted process only
+    make_cases: Callable[[torch.Generator], list[Case]]
+    checks: dict[str, Check]  # value checks by name, in report order
+    forbidden_ops: dict[str, str] = field(default_factory=dict)  # aten op name -> what the learner wrote
+    speed: Speed | None = None
+    rtol: float = 1e-5
+    atol: float = 1e-6
+    seeds: tuple[int, ...] = (0, 1, 2)  # visible checks in the notebook, and the trusted grader
+    hidden_seeds: tuple[int, ...] = (101, 102)  # nbgrader's hidden tests, and the trusted grader
+    blocked_modules: tuple[str, ...] = ("reference_engine", "solutions", "tests")
+
+    # Checks every task has, besides its own value checks.
+    COMMON = {
+        "output_type": Check(1, "return a torch.Tensor (not a subclass, list or numpy array) with the "
+                                "documented shape and the input's dtype"),
+        "inputs_unchanged": Check(1, "do not modify the input tensors in place (x -= ..., x.sub_(...)); "
+                                     "work on new tensors"),
+        "no_caching": Check(1, "compute the result from the input's current values on every call; "
+                               "do not keep results between calls"),
+    }
+
+    def all_checks(self) -> dict[str, Check]:
+        checks = {**self.checks, **self.COMMON}
+        if self.speed is not None:
+            checks["speed"] = Check(2, self.speed.why)
+        return checks
+
+    @property
+    def max_score(self) -> int:
+        return sum(c.points for c in self.all_checks().values())
+
+
+TASKS: dict[str, Task] = {}
+CHAPTERS: dict[str, list[Task]] = {}
+
+
+def register(*tasks: Task) -> None:
+    for task in tasks:
+        TASKS[task.id] = task
+        CHAPTERS.setdefault(task.chapter, []).append(task)
+
+
+def load_chapters() -> None:
+    """Import every chapter module, which registers its tasks."""
+    from .chapters import ch00_warmup  # noqa: F401

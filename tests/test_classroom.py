@@ -1,0 +1,95 @@
+"""The classroom path with real nbgrader: release, autograde, export; and the trusted
+re-grade of the same submissions written into the gradebook.
+
+Slow (nbgrader starts a kernel per submission) but it is what an instructor runs."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from reference_engine.grading.release import make_exercises, nbgrader, release, write_course_config
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSIGNMENT = "00_warmup"
+CHEAT = ("import reference_engine.grading.notebook as _nb\n_nb.check = lambda *args, **kwargs: None\n\n"
+         "def stable_softmax(x, dim=-1):\n    return x\n")
+
+
+def solution_code(grade_id: str) -> str:
+    nb = json.loads((ROOT / "solutions" / f"{ASSIGNMENT}.ipynb").read_text())
+    cell = next(c for c in nb["cells"] if c["metadata"].get("nbgrader", {}).get("grade_id") == grade_id)
+    lines = "".join(cell["source"]).splitlines()
+    return "\n".join(line for line in lines if "SOLUTION" not in line)
+
+
+def submit(course: Path, student: str, released: Path, answers: dict[str, str]) -> None:
+    """A submission: the released notebook with some solution cells filled in."""
+    nb = json.loads(released.read_text())
+    for cell in nb["cells"]:
+        grade_id = cell["metadata"].get("nbgrader", {}).get("grade_id")
+        if grade_id in answers:
+            cell["source"] = answers[grade_id]
+    target = course / "submitted" / student / ASSIGNMENT / f"{ASSIGNMENT}.ipynb"
+    target.parent.mkdir(parents=True)
+    target.write_text(json.dumps(nb))
+
+
+def read_grades(course: Path) -> dict[str, float]:
+    result = nbgrader(course, "export", "--to", str(course / "grades.csv"))
+    assert result.returncode == 0, result.stderr
+    with open(course / "grades.csv") as f:
+        return {row["student_id"]: float(row["raw_score"]) for row in csv.DictReader(f)}
+
+
+@pytest.fixture(scope="module")
+def course(tmp_path_factory):
+    course = tmp_path_factory.mktemp("course")
+    write_course_config(course)
+    for student in ("ada", "stub", "mutant", "cheater"):
+        assert nbgrader(course, "db", "student", "add", student).returncode == 0
+    released = release(ROOT / "solutions", course, ASSIGNMENT)
+    nan_rows = (ROOT / "tests" / "mutants" / "ch00_warmup" / "nan_for_empty_rows.py").read_text()
+    submit(course, "ada", released, {"task_0_1": solution_code("task_0_1"), "task_0_2": solution_code("task_0_2")})
+    submit(course, "stub", released, {})
+    submit(course, "mutant", released, {"task_0_1": solution_code("task_0_1"), "task_0_2": nan_rows})
+    submit(course, "cheater", released, {"task_0_1": CHEAT, "task_0_2": solution_code("task_0_2")})
+    result = nbgrader(course, "autograde", ASSIGNMENT, "--force")
+    assert result.returncode == 0, result.stdout + result.stderr
+    return course
+
+
+def test_nbgrader_autograde_scores_the_in_kernel_checks(course):
+    grades = read_grades(course)
+    assert grades["ada"] == 22
+    assert grades["stub"] == 0
+    assert grades["mutant"] == 12  # task 0.2's test cell fails: NaN for fully masked rows
+    assert grades["cheater"] == 22  # the in-kernel checks are fooled: why grade-class exists
+
+
+def test_grade_class_writes_trusted_scores_into_the_gradebook(course):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-m", "reference_engine", "grade-class", str(course), ASSIGNMENT, "--json"],
+                            capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    rows = {row["student"]: row for row in json.loads(result.stdout)}
+    assert rows["ada"]["score"] == 22 and rows["stub"]["score"] == 0
+    assert rows["mutant"]["scores"]["0.2"] < 10
+    assert rows["cheater"]["scores"] == {"0.1": 0.0, "0.2": 10.0}
+    grades = read_grades(course)  # nbgrader's own export now shows the trusted scores
+    assert grades["cheater"] == 10 and grades["ada"] == 22 and grades["stub"] == 0
+
+
+def test_committed_exercises_are_generated_from_the_solutions(tmp_path):
+    written = make_exercises(ROOT / "solutions", tmp_path)
+    committed = sorted(p.name for p in (ROOT / "exercises").glob("*.ipynb"))
+    assert sorted(p.name for p in written) == committed, "exercises/ and solutions/ hold different notebooks"
+    for path in written:
+        fresh, old = json.loads(path.read_text()), json.loads((ROOT / "exercises" / path.name).read_text())
+        assert fresh == old, f"exercises/{path.name} is out of date: run  make exercises"
+    shutil.rmtree(tmp_path)

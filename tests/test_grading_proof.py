@@ -1,0 +1,67 @@
+"""The graders are proven: solutions score full marks, release stubs score zero, and every
+mutant (a plausible wrong implementation) loses points on the check meant to catch it."""
+
+from pathlib import Path
+
+import pytest
+
+from reference_engine.grading.grader import grade_path
+from reference_engine.grading.tasks import CHAPTERS, load_chapters
+
+ROOT = Path(__file__).resolve().parents[1]
+MUTANTS = sorted((Path(__file__).parent / "mutants").glob("*/*.py"))
+load_chapters()
+
+
+@pytest.fixture(scope="module", params=sorted(CHAPTERS))
+def chapter(request):
+    return request.param
+
+
+def notebook(folder: str, chapter: str) -> Path:
+    return ROOT / folder / f"{chapter.removeprefix('ch')}.ipynb"
+
+
+def test_solutions_score_full_marks(chapter):
+    report = grade_path(notebook("solutions", chapter))
+    failed = [f"{r.task} {r.name}: {r.message}" for r in report.results if not r.passed]
+    assert not failed and report.score == report.max_score > 0, failed
+
+
+def test_release_stubs_score_zero_with_not_implemented(chapter):
+    report = grade_path(notebook("exercises", chapter))
+    assert report.score == 0 and report.max_score > 0
+    assert all("not implemented" in r.message for r in report.results)
+
+
+def mutant_expectation(path: Path) -> tuple[str, str]:
+    """The first docstring line names the task and the check that must catch it:
+    '0.1 large_inputs: ...', or '0.1 every check: ...'."""
+    head = path.read_text().split('"""')[1].split(":")[0]
+    task, check = head.split(" ", 1)
+    return task, check
+
+
+@pytest.mark.parametrize("mutant", MUTANTS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_mutant_loses_points_on_its_check(mutant):
+    task, check = mutant_expectation(mutant)
+    report = grade_path(mutant, task_id=task)
+    by_name = {r.name: r for r in report.results}
+    assert report.score < report.max_score
+    if check == "every check":
+        assert report.score == 0 and all(not r.passed for r in report.results)
+    else:
+        assert check in by_name, f"{check} is not a check of task {task}"
+        assert not by_name[check].passed, f"{mutant.stem} should fail {check}: {by_name[check].message}"
+        assert by_name[check].message, "a failed check must say why"
+
+
+def test_every_task_has_at_least_three_mutants():
+    counts = {}
+    for mutant in MUTANTS:
+        task, _ = mutant_expectation(mutant)
+        counts[task] = counts.get(task, 0) + 1
+    load_chapters()
+    for tasks in CHAPTERS.values():
+        for task in tasks:
+            assert counts.get(task.id, 0) >= 3, f"task {task.id} has {counts.get(task.id, 0)} mutants"
