@@ -1,9 +1,21 @@
-"""Scaled dot-product attention: the readable formula and the fast path the model uses.
+"""Every attention variant the course teaches, building blocks first.
 
     attention(Q, K, V) = softmax(Q K^T / sqrt(d_k) + mask) V
 
-`attention_reference` spells the formula out; `attention` is what the model runs: it
-calls PyTorch's fused kernel and handles grouped-query attention without copying K/V.
+  - `stable_softmax`: the softmax that cannot overflow;
+  - masks: `causal_mask` (any q_len, kv_len) and `padding_mask`;
+  - `sdpa_math`: the formula, spelled out, with boolean masks;
+  - `repeat_kv`: how grouped-query attention shares one K/V head among several query heads;
+  - `multi_head_attention`: from projection weights, for MHA, MQA and GQA alike;
+  - `cross_attention`: queries from one sequence, keys and values from another;
+  - `tiled_attention`: the FlashAttention forward recurrence (online softmax over key
+    blocks), never holding the T x T score matrix, returning the log-sum-exp as well;
+  - `attention`: the fast path the model runs (PyTorch's fused kernel).
+
+`ATTENTION_IMPLS` maps the names accepted by `ModelConfig.attn_impl` to functions with
+one signature, so the model can run any of them and give the same logits.
+Shapes: q (B, H, Tq, D); k, v (B, KV, Tk, D) with H a multiple of KV; masks are bool,
+True = may attend, broadcastable to (B, H, Tq, Tk).
 """
 
 from __future__ import annotations
@@ -14,23 +26,156 @@ import torch
 import torch.nn.functional as F
 
 
-def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        mask: torch.Tensor | None = None) -> torch.Tensor:
-    """q: (B, H, Tq, D), k and v: (B, H, Tk, D), mask: bool, True = may attend,
-    broadcastable to (B, H, Tq, Tk). Returns (B, H, Tq, D)."""
+def stable_softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """softmax(x)_i = exp(x_i - max x) / sum_j exp(x_j - max x); rows that are all -inf give 0."""
+    peak = x.amax(dim, keepdim=True)
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))  # fully masked rows
+    e = (x - peak).exp()
+    total = e.sum(dim, keepdim=True)
+    return e / torch.where(total > 0, total, torch.ones_like(total))
+
+
+# -- masks --------------------------------------------------------------------------------
+
+
+def causal_mask(q_len: int, kv_len: int, device=None) -> torch.Tensor:
+    """bool (q_len, kv_len): query i sees keys 0 .. i + (kv_len - q_len).
+
+    The queries are the *last* q_len positions of the kv_len-long sequence, which is what
+    decoding with a KV cache means. Example: q_len=2, kv_len=4 ->
+        [[1, 1, 1, 0],
+         [1, 1, 1, 1]]
+    """
+    return torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(diagonal=kv_len - q_len)
+
+
+def padding_mask(key_valid: torch.Tensor) -> torch.Tensor:
+    """(B, Tk) bool, True on real tokens -> (B, 1, 1, Tk), broadcastable over heads and queries."""
+    return key_valid[:, None, None, :]
+
+
+# -- the formula ------------------------------------------------------------------------------
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, KV, T, D) -> (B, KV * n_rep, T, D), each K/V head repeated for its query group.
+
+    subtle: query head h belongs to K/V head h // n_rep, so heads repeat as 0,0,0,1,1,1
+    (repeat_interleave), not 0,1,0,1 (repeat): the wrong order still runs and is wrong.
+    """
+    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
+
+
+def sdpa_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+              is_causal: bool = False) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D) masked) v, with K/V heads repeated for grouped queries.
+    Materialises the (Tq, Tk) score matrix of every head. Returns (B, H, Tq, D)."""
+    n_rep = q.shape[1] // k.shape[1]
+    k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, Tq, Tk)
+    if is_causal:
+        mask = causal_mask(q.shape[2], k.shape[2], q.device) if mask is None else mask & causal_mask(
+            q.shape[2], k.shape[2], q.device)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.softmax(scores, dim=-1) @ v
+    return stable_softmax(scores, dim=-1) @ v
+
+
+# -- from projection weights --------------------------------------------------------------
+
+
+def multi_head_attention(x: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, wo: torch.Tensor,
+                         n_heads: int, n_kv_heads: int, mask: torch.Tensor | None = None,
+                         is_causal: bool = True) -> torch.Tensor:
+    """Self-attention of x (B, T, d_model) with weights in nn.Linear layout (out, in).
+
+    n_kv_heads == n_heads: multi-head (MHA); == 1: multi-query (MQA); in between:
+    grouped-query (GQA). wq: (n_heads * D, d_model), wk and wv: (n_kv_heads * D, d_model),
+    wo: (d_model, n_heads * D). Returns (B, T, d_model).
+    """
+    B, T, _ = x.shape
+    D = wq.shape[0] // n_heads
+    q = (x @ wq.T).view(B, T, n_heads, D).transpose(1, 2)  # (B, H, T, D)
+    k = (x @ wk.T).view(B, T, n_kv_heads, D).transpose(1, 2)  # (B, KV, T, D)
+    v = (x @ wv.T).view(B, T, n_kv_heads, D).transpose(1, 2)  # (B, KV, T, D)
+    y = sdpa_math(q, k, v, mask, is_causal)  # (B, H, T, D)
+    return y.transpose(1, 2).reshape(B, T, n_heads * D) @ wo.T
+
+
+def cross_attention(x: torch.Tensor, memory: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor,
+                    wo: torch.Tensor, n_heads: int, memory_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Encoder-decoder attention: queries from the decoder states x (B, Tq, d_model), keys
+    and values from the encoder output memory (B, Tk, d_model). No causal mask: every
+    decoder position may read the whole source; memory_valid (B, Tk) masks its padding."""
+    B, Tq, _ = x.shape
+    Tk = memory.shape[1]
+    D = wq.shape[0] // n_heads
+    q = (x @ wq.T).view(B, Tq, n_heads, D).transpose(1, 2)  # (B, H, Tq, D)
+    k = (memory @ wk.T).view(B, Tk, n_heads, D).transpose(1, 2)  # (B, H, Tk, D)
+    v = (memory @ wv.T).view(B, Tk, n_heads, D).transpose(1, 2)
+    mask = None if memory_valid is None else padding_mask(memory_valid)
+    y = sdpa_math(q, k, v, mask)  # (B, H, Tq, D)
+    return y.transpose(1, 2).reshape(B, Tq, n_heads * D) @ wo.T
+
+
+# -- online softmax -----------------------------------------------------------------------
+
+
+def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+                    is_causal: bool = False, block_k: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over key blocks with an online softmax (the FlashAttention forward pass).
+
+    For each block of keys, with running max m, running denominator l and running
+    output acc (all per query):
+        s     = q k_blk^T / sqrt(D)               scores for this block only
+        m_new = max(m, rowmax(s))
+        p     = exp(s - m_new)
+        l     = l * exp(m - m_new) + rowsum(p)    old terms rescaled to the new max
+        acc   = acc * exp(m - m_new) + p v_blk
+    and at the end out = acc / l, lse = m + log(l). Peak extra memory is (Tq, block_k)
+    per head instead of (Tq, Tk). Rows with no visible key give out = 0 and lse = -inf.
+    Returns (out (B, H, Tq, D), lse (B, H, Tq)).
+    """
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    n_rep = H // k.shape[1]
+    scale = 1.0 / math.sqrt(D)
+    m = torch.full((B, H, Tq, 1), float("-inf"), dtype=q.dtype, device=q.device)
+    l = torch.zeros(B, H, Tq, 1, dtype=q.dtype, device=q.device)
+    acc = torch.zeros(B, H, Tq, D, dtype=q.dtype, device=q.device)
+    q_pos = torch.arange(Tq, device=q.device)[:, None] + (Tk - Tq)  # queries are the last Tq positions
+    for start in range(0, Tk, block_k):
+        end = min(start + block_k, Tk)
+        k_blk = repeat_kv(k[:, :, start:end], n_rep)  # (B, H, bk, D)
+        v_blk = repeat_kv(v[:, :, start:end], n_rep)
+        s = (q @ k_blk.transpose(-2, -1)) * scale  # (B, H, Tq, bk)
+        visible = None
+        if is_causal:
+            visible = torch.arange(start, end, device=q.device)[None, :] <= q_pos  # (Tq, bk)
+        if mask is not None:
+            blk = mask[..., start:end]
+            visible = blk if visible is None else visible & blk
+        if visible is not None:
+            s = s.masked_fill(~visible, float("-inf"))
+        m_new = torch.maximum(m, s.amax(-1, keepdim=True))
+        safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))  # no key seen yet
+        p = (s - safe).exp()
+        rescale = (m - safe).exp()  # exp(-inf) = 0 on the first visible block
+        l = l * rescale + p.sum(-1, keepdim=True)
+        acc = acc * rescale + p @ v_blk
+        m = m_new
+    out = acc / torch.where(l > 0, l, torch.ones_like(l))
+    lse = (m + l.log()).squeeze(-1)  # -inf where nothing was visible
+    return out, lse
+
+
+# -- what the model runs ------------------------------------------------------------------
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
-    """Grouped-query attention. q: (B, H, T, D); k, v: (B, KV, L, D) with H a multiple of KV.
-
-    mask: bool (B, 1, T, L), True = may attend, or None. is_causal (only with mask None)
-    means query i sees keys 0..i. Returns (B, H, T, D).
-    """
+    """The fast path: PyTorch's fused kernel. is_causal (only with mask None) assumes the
+    queries and keys start at the same position (Tq == Tk). Returns (B, H, T, D)."""
     B, H, T, D = q.shape
     n_kv = k.shape[1]
     group = H // n_kv
@@ -40,9 +185,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         # K/V head: (B, KV, group, D) against (B, KV, L, D). No repeated K/V in memory.
         out = F.scaled_dot_product_attention(q.view(B, n_kv, group, D), k, v, attn_mask=mask)
         return out.view(B, H, 1, D)
-    if group > 1:
-        # subtle: repeat_interleave (0,0,0,1,1,1,...) not repeat (0,1,0,1,...): query head h
-        # reads K/V head h // group.
-        k = k.repeat_interleave(group, dim=1)  # (B, H, L, D)
-        v = v.repeat_interleave(group, dim=1)
+    k, v = repeat_kv(k, group), repeat_kv(v, group)  # (B, H, L, D)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
+
+
+ATTENTION_IMPLS = {
+    "sdpa": attention,
+    "math": sdpa_math,
+    "tiled": lambda q, k, v, mask, is_causal: tiled_attention(q, k, v, mask, is_causal)[0],
+}

@@ -29,6 +29,7 @@ class ModelConfig:
     mlp: str = "swiglu"  # "swiglu": down(silu(gate(x)) * up(x)); "gelu": down(gelu(up(x)))
     bias: bool = False  # biases on the linear layers (GPT-2 has them, Llama does not)
     tie_embeddings: bool = True  # LM head reuses the token embedding matrix
+    attn_impl: str = "sdpa"  # "sdpa" (PyTorch's fused kernel), "math" (the formula), "tiled" (online softmax)
 
     def __post_init__(self):
         if self.norm not in ("rmsnorm", "layernorm"):
@@ -37,6 +38,8 @@ class ModelConfig:
             raise DojoError(f"pos_encoding must be 'rope' or 'learned', got {self.pos_encoding!r}")
         if self.mlp not in ("swiglu", "gelu"):
             raise DojoError(f"mlp must be 'swiglu' or 'gelu', got {self.mlp!r}")
+        if self.attn_impl not in ("sdpa", "math", "tiled"):
+            raise DojoError(f"attn_impl must be 'sdpa', 'math' or 'tiled', got {self.attn_impl!r}")
         if self.n_heads % self.n_kv_heads != 0:
             raise DojoError(
                 f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"

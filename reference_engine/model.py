@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import cpu_kernels
-from .attention import attention
+from .attention import ATTENTION_IMPLS
 from .config import ModelConfig
+from .errors import DojoError
 from .kv_cache import KVCache
 from .positional import apply_rope, rope_tables
 
@@ -105,6 +106,7 @@ class Attention(nn.Module):
         self.wo = Linear(config.n_heads * config.head_dim, config.d_model, bias=config.bias)
         self.use_rope = config.pos_encoding == "rope"
         self.kv_cache: KVCache | None = None
+        self.attend = ATTENTION_IMPLS[config.attn_impl]  # (q, k, v, mask, is_causal) -> (B, H, T, D)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 start: int, mask: torch.Tensor | None) -> torch.Tensor:
@@ -121,7 +123,7 @@ class Attention(nn.Module):
             k, v = self.kv_cache.update(start, k, v)  # (B, KV, start+T, D)
         # subtle: is_causal aligns the mask top-left, which is right only when queries and
         # keys start at the same slot (start == 0); otherwise the caller passes a mask.
-        y = attention(q, k, v, mask, is_causal=T > 1 and start == 0)  # (B, H, T, D)
+        y = self.attend(q, k, v, mask, T > 1 and start == 0)  # (B, H, T, D)
         return self.wo(y.transpose(1, 2).reshape(B, T, H * D))
 
 
@@ -193,6 +195,18 @@ class Transformer(nn.Module):
         if self.config.tie_embeddings:
             self.tied_head_packed = PackedWeight(head)
         return True
+
+    def set_attention(self, impl) -> None:
+        """Switch every layer's attention: a name from `attention.ATTENTION_IMPLS` ("sdpa",
+        "math", "tiled") or your own function f(q, k, v, mask, is_causal) -> (B, H, T, D),
+        with q (B, H, T, D), k and v (B, KV, L, D), mask bool (B, 1, T, L) or None."""
+        if isinstance(impl, str) and impl not in ATTENTION_IMPLS:
+            raise DojoError(f"unknown attention {impl!r}; choose one of {sorted(ATTENTION_IMPLS)} or pass a function")
+        fn = ATTENTION_IMPLS[impl] if isinstance(impl, str) else impl
+        if not callable(fn):
+            raise DojoError(f"set_attention expects a name in {sorted(ATTENTION_IMPLS)} or a function, got {fn!r}")
+        for layer in self.layers:
+            layer.attn.attend = fn
 
     # -- cache management -------------------------------------------------------------
 

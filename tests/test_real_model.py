@@ -41,6 +41,19 @@ def test_float32_decoding_stays_close_to_float64(smollm, smollm64):
     torch.testing.assert_close(torch.cat(steps, dim=1), exact, rtol=0, atol=5e-4)
 
 
+def test_every_attention_implementation_gives_the_same_logits(smollm):
+    model, tokenizer = smollm
+    ids = torch.tensor([tokenizer.encode(PROMPTS[3])])
+    with torch.inference_mode():
+        expected = model(ids)
+        try:
+            for impl in ("math", "tiled"):
+                model.set_attention(impl)
+                torch.testing.assert_close(model(ids), expected, rtol=0, atol=1e-4, msg=lambda m: f"{impl}: {m}")
+        finally:
+            model.set_attention("sdpa")
+
+
 def test_greedy_chat_knows_the_capital_of_france(smollm):
     model, tokenizer = smollm
     out = generate(model, [chat_ids(tokenizer, "What is the capital of France?")], max_new_tokens=24,
