@@ -8,8 +8,9 @@
   - `repeat_kv`: how grouped-query attention shares one K/V head among several query heads;
   - `multi_head_attention`: from projection weights, for MHA, MQA and GQA alike;
   - `cross_attention`: queries from one sequence, keys and values from another;
-  - `tiled_attention`: the FlashAttention forward recurrence (online softmax over key
-    blocks), never holding the T x T score matrix, returning the log-sum-exp as well;
+  - `tiled_attention`: the FlashAttention forward recurrence (online softmax over tiles,
+    causal tiles above the diagonal skipped), never holding the T x T score matrix,
+    returning the log-sum-exp as well;
   - `attention`: the fast path the model runs (PyTorch's fused kernel).
 
 `ATTENTION_IMPLS` maps the names accepted by `ModelConfig.attn_impl` to functions with
@@ -122,51 +123,58 @@ def cross_attention(x: torch.Tensor, memory: torch.Tensor, wq: torch.Tensor, wk:
 
 
 def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-                    is_causal: bool = False, block_k: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention over key blocks with an online softmax (the FlashAttention forward pass).
+                    is_causal: bool = False, block_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention in (query block, key block) tiles with an online softmax: the FlashAttention
+    forward pass.
 
-    For each block of keys, with running max m, running denominator l and running
-    output acc (all per query):
-        s     = q k_blk^T / sqrt(D)               scores for this block only
+    For each block of queries, walk the key blocks keeping, per query, a running max m,
+    denominator l and output acc:
+        s     = q_blk k_blk^T / sqrt(D)           scores for this tile only
         m_new = max(m, rowmax(s))
         p     = exp(s - m_new)
         l     = l * exp(m - m_new) + rowsum(p)    old terms rescaled to the new max
         acc   = acc * exp(m - m_new) + p v_blk
-    and at the end out = acc / l, lse = m + log(l). Peak extra memory is (Tq, block_k)
-    per head instead of (Tq, Tk). Rows with no visible key give out = 0 and lse = -inf.
+    then out = acc / l and lse = m + log(l). With is_causal, a query block stops at the
+    key block holding its last position: the tiles above the diagonal, half the work, are
+    never computed. Extra memory is one (block, block) tile per head instead of (Tq, Tk).
+    Rows with no visible key give out = 0 and lse = -inf.
     Returns (out (B, H, Tq, D), lse (B, H, Tq)).
     """
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     n_rep = H // k.shape[1]
     scale = 1.0 / math.sqrt(D)
-    m = torch.full((B, H, Tq, 1), float("-inf"), dtype=q.dtype, device=q.device)
-    l = torch.zeros(B, H, Tq, 1, dtype=q.dtype, device=q.device)
-    acc = torch.zeros(B, H, Tq, D, dtype=q.dtype, device=q.device)
-    q_pos = torch.arange(Tq, device=q.device)[:, None] + (Tk - Tq)  # queries are the last Tq positions
-    for start in range(0, Tk, block_k):
-        end = min(start + block_k, Tk)
-        k_blk = repeat_kv(k[:, :, start:end], n_rep)  # (B, H, bk, D)
-        v_blk = repeat_kv(v[:, :, start:end], n_rep)
-        s = (q @ k_blk.transpose(-2, -1)) * scale  # (B, H, Tq, bk)
-        visible = None
-        if is_causal:
-            visible = torch.arange(start, end, device=q.device)[None, :] <= q_pos  # (Tq, bk)
-        if mask is not None:
-            blk = mask[..., start:end]
-            visible = blk if visible is None else visible & blk
-        if visible is not None:
-            s = s.masked_fill(~visible, float("-inf"))
-        m_new = torch.maximum(m, s.amax(-1, keepdim=True))
-        safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))  # no key seen yet
-        p = (s - safe).exp()
-        rescale = (m - safe).exp()  # exp(-inf) = 0 on the first visible block
-        l = l * rescale + p.sum(-1, keepdim=True)
-        acc = acc * rescale + p @ v_blk
-        m = m_new
-    out = acc / torch.where(l > 0, l, torch.ones_like(l))
-    lse = (m + l.log()).squeeze(-1)  # -inf where nothing was visible
-    return out, lse
+    offset = Tk - Tq  # queries are the last Tq positions
+    outs, lses = [], []
+    for qs in range(0, Tq, block_size):
+        qe = min(qs + block_size, Tq)
+        q_blk = q[:, :, qs:qe]  # (B, H, bq, D)
+        q_pos = torch.arange(qs, qe, device=q.device)[:, None] + offset  # (bq, 1)
+        m = torch.full((B, H, qe - qs, 1), float("-inf"), dtype=q.dtype, device=q.device)
+        l = torch.zeros(B, H, qe - qs, 1, dtype=q.dtype, device=q.device)
+        acc = torch.zeros(B, H, qe - qs, D, dtype=q.dtype, device=q.device)
+        key_end = min(Tk, qe + offset) if is_causal else Tk  # causal: skip tiles above the diagonal
+        for ks in range(0, key_end, block_size):
+            ke = min(ks + block_size, key_end)
+            s = (q_blk @ repeat_kv(k[:, :, ks:ke], n_rep).transpose(-2, -1)) * scale  # (B, H, bq, bk)
+            visible = None
+            if is_causal and ke - 1 > qs + offset:  # only tiles that cross the diagonal need a mask
+                visible = torch.arange(ks, ke, device=q.device)[None, :] <= q_pos  # (bq, bk)
+            if mask is not None:
+                tile = mask[..., qs:qe, ks:ke] if mask.shape[-2] > 1 else mask[..., ks:ke]
+                visible = tile if visible is None else visible & tile
+            if visible is not None:
+                s = s.masked_fill(~visible, float("-inf"))
+            m_new = torch.maximum(m, s.amax(-1, keepdim=True))
+            safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))  # no key seen yet
+            p = (s - safe).exp()
+            rescale = (m - safe).exp()  # exp(-inf) = 0 before the first visible key
+            l = l * rescale + p.sum(-1, keepdim=True)
+            acc = acc * rescale + p @ repeat_kv(v[:, :, ks:ke], n_rep)
+            m = m_new
+        outs.append(acc / torch.where(l > 0, l, torch.ones_like(l)))
+        lses.append((m + l.log()).squeeze(-1))  # -inf where nothing was visible
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
 
 # -- what the model runs ------------------------------------------------------------------

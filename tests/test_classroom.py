@@ -16,7 +16,7 @@ import pytest
 from reference_engine.grading.release import make_exercises, nbgrader, release, write_course_config
 
 ROOT = Path(__file__).resolve().parents[1]
-ASSIGNMENT = "00_warmup"
+ASSIGNMENT = "01_attention"
 CHEAT = ("import reference_engine.grading.notebook as _nb\n_nb.check = lambda *args, **kwargs: None\n\n"
          "def stable_softmax(x, dim=-1):\n    return x\n")
 
@@ -54,11 +54,13 @@ def course(tmp_path_factory):
     for student in ("ada", "stub", "mutant", "cheater"):
         assert nbgrader(course, "db", "student", "add", student).returncode == 0
     released = release(ROOT / "solutions", course, ASSIGNMENT)
-    nan_rows = (ROOT / "tests" / "mutants" / "ch00_warmup" / "nan_for_empty_rows.py").read_text()
-    submit(course, "ada", released, {"task_0_1": solution_code("task_0_1"), "task_0_2": solution_code("task_0_2")})
+    solutions = {f"task_1_{i}": solution_code(f"task_1_{i}") for i in range(1, 6)}
+    nan_rows = (ROOT / "tests" / "mutants" / "ch01_attention" / "sdpa_nan_for_empty_rows.py").read_text()
+    submit(course, "ada", released, solutions)
     submit(course, "stub", released, {})
-    submit(course, "mutant", released, {"task_0_1": solution_code("task_0_1"), "task_0_2": nan_rows})
-    submit(course, "cheater", released, {"task_0_1": CHEAT, "task_0_2": solution_code("task_0_2")})
+    submit(course, "mutant", released, {**solutions, "task_1_2": nan_rows})
+    unfinished = {k: v for k, v in solutions.items() if k != "task_1_5"}  # 1.5 left as the released stub
+    submit(course, "cheater", released, {**unfinished, "task_1_1": CHEAT})
     result = nbgrader(course, "autograde", ASSIGNMENT, "--force")
     assert result.returncode == 0, result.stdout + result.stderr
     return course
@@ -66,10 +68,10 @@ def course(tmp_path_factory):
 
 def test_nbgrader_autograde_scores_the_in_kernel_checks(course):
     grades = read_grades(course)
-    assert grades["ada"] == 22
+    assert grades["ada"] == 52
     assert grades["stub"] == 0
-    assert grades["mutant"] == 12  # task 0.2's test cell fails: NaN for fully masked rows
-    assert grades["cheater"] == 22  # the in-kernel checks are fooled: why grade-class exists
+    assert grades["mutant"] == 40  # task 1.2's test cell fails: NaN for rows with no visible key
+    assert grades["cheater"] == 52  # the in-kernel checks are fooled: why grade-class exists
 
 
 def test_grade_class_writes_trusted_scores_into_the_gradebook(course):
@@ -78,11 +80,11 @@ def test_grade_class_writes_trusted_scores_into_the_gradebook(course):
                             capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     rows = {row["student"]: row for row in json.loads(result.stdout)}
-    assert rows["ada"]["score"] == 22 and rows["stub"]["score"] == 0
-    assert rows["mutant"]["scores"]["0.2"] < 10
-    assert rows["cheater"]["scores"] == {"0.1": 0.0, "0.2": 10.0}
+    assert rows["ada"]["score"] == 52 and rows["stub"]["score"] == 0
+    assert rows["mutant"]["scores"]["1.2"] < 12
+    assert rows["cheater"]["scores"] == {"1.1": 0.0, "1.2": 12.0, "1.3": 10.0, "1.4": 14.0, "1.5": 0.0}
     grades = read_grades(course)  # nbgrader's own export now shows the trusted scores
-    assert grades["cheater"] == 10 and grades["ada"] == 22 and grades["stub"] == 0
+    assert grades["cheater"] == 36 and grades["ada"] == 52 and grades["stub"] == 0
 
 
 def test_committed_exercises_are_generated_from_the_solutions(tmp_path):

@@ -1,28 +1,20 @@
 """Hostile submissions gain nothing, and the rest of the notebook is still graded.
 
-Each submission is a notebook whose task 0.1 attacks the grader and whose task 0.2 is a
-correct masked softmax: 0.1 must not score more than the attack's honest code would, and
-0.2 must keep its full marks.
+Each submission is a notebook whose task 1.1 attacks the grader and whose task 1.2 is a
+correct attention: 1.1 must not score more than the attack's honest code would, and 1.2
+must keep its full marks.
 """
 
 import nbformat
 import pytest
 import torch
 from nbformat.v4 import new_code_cell, new_notebook
+from submissions import GOOD_SDPA
 
 from reference_engine.grading.grader import grade_path
 from reference_engine.grading.sandbox import PROJECT_ROOT, run_child
 
-CORRECT_MASKED = '''
-def masked_softmax(scores, mask, dim=-1):
-    s = scores.masked_fill(~mask, float("-inf"))
-    peak = s.amax(dim, keepdim=True)
-    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
-    e = (s - peak).exp()
-    total = e.sum(dim, keepdim=True)
-    return torch.where(total > 0, e / total, torch.zeros_like(e))
-'''
-SOLUTIONS = PROJECT_ROOT / "solutions" / "00_warmup.ipynb"
+SOLUTIONS = PROJECT_ROOT / "solutions" / "01_attention.ipynb"
 
 HOSTILE = {
     "endless loop that swallows BaseException": ['''
@@ -56,7 +48,7 @@ def stable_softmax(x, dim=-1):
     "reads the solutions folder": [
         f"source = open({str(SOLUTIONS)!r}).read()\nexec(source.split('BEGIN SOLUTION')[0])"],
     "imports the reference implementation": [
-        "from reference_engine.grading.chapters.ch00_warmup import softmax64\n\n"
+        "from reference_engine.grading.chapters.ch01_attention import softmax64\n\n"
         "def stable_softmax(x, dim=-1):\n    return softmax64(x, dim).float()\n"],
     "IPython input transformer": [
         "get_ipython().input_transformers_cleanup.append(lambda lines: [])",
@@ -87,17 +79,17 @@ def stable_softmax(x, dim=-1):
 
 def hostile_notebook(path, cells):
     nb = new_notebook(cells=[new_code_cell("import torch")] + [new_code_cell(c) for c in cells]
-                      + [new_code_cell(CORRECT_MASKED)])
+                      + [new_code_cell(GOOD_SDPA)])
     nbformat.write(nb, path)
     return path
 
 
 @pytest.mark.parametrize("attack", sorted(HOSTILE))
 def test_hostile_submission_gains_nothing(tmp_path, attack):
-    path = hostile_notebook(tmp_path / "00_warmup.ipynb", HOSTILE[attack])
-    report = grade_path(path, timeout_s=20)
-    task1 = [r for r in report.results if r.task == "0.1"]
-    task2 = [r for r in report.results if r.task == "0.2"]
+    path = hostile_notebook(tmp_path / "01_attention.ipynb", HOSTILE[attack])
+    report = grade_path(path, task_id=["1.1", "1.2"], timeout_s=20)
+    task1 = [r for r in report.results if r.task == "1.1"]
+    task2 = [r for r in report.results if r.task == "1.2"]
     assert sum(r.points for r in task1) == 0, [(r.name, r.message) for r in task1 if r.points]
     assert all(r.message for r in task1), "every lost point says why"
     assert all(r.passed for r in task2), [(r.name, r.message) for r in task2 if not r.passed]

@@ -12,15 +12,9 @@ import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
 from reference_engine.grading.grader import grade_path
+from submissions import GOOD_SDPA, GOOD_SOFTMAX
 
 ROOT = Path(__file__).resolve().parents[1]
-GOOD_SOFTMAX = "def stable_softmax(x, dim=-1):\n    e = (x - x.amax(dim, keepdim=True)).exp()\n    return e / e.sum(dim, keepdim=True)\n"
-GOOD_MASKED = ("def masked_softmax(scores, mask, dim=-1):\n    s = scores.masked_fill(~mask, float('-inf'))\n"
-               "    peak = s.amax(dim, keepdim=True)\n    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))\n"
-               "    e = (s - peak).exp()\n    total = e.sum(dim, keepdim=True)\n"
-               "    return torch.where(total > 0, e / total, torch.zeros_like(e))\n")
-
-
 def write_nb(path, *cells):
     nbformat.write(new_notebook(cells=[new_code_cell("import torch")] + [new_code_cell(c) for c in cells]), path)
     return path
@@ -40,13 +34,13 @@ def by_task(report):
 
 
 def test_missing_file_is_explained(tmp_path):
-    result = grade_cli(tmp_path / "00_warmup.ipynb")
+    result = grade_cli(tmp_path / "01_attention.ipynb")
     assert result.returncode == 2 and result.stderr.startswith("error: ") and "no such file" in result.stderr
     assert "Traceback" not in result.stderr
 
 
 def test_invalid_notebook_json_is_explained(tmp_path):
-    path = tmp_path / "00_warmup.ipynb"
+    path = tmp_path / "01_attention.ipynb"
     path.write_text('{"cells": [ {"cell_type": "code", ')
     result = grade_cli(path)
     assert result.returncode == 2 and "not a valid notebook" in result.stderr and "Traceback" not in result.stderr
@@ -59,71 +53,71 @@ def test_notebook_of_another_chapter_is_explained(tmp_path):
 
 
 def test_renamed_function_fails_its_task_only(tmp_path):
-    path = write_nb(tmp_path / "00_warmup.ipynb", GOOD_SOFTMAX.replace("stable_softmax", "my_softmax"), GOOD_MASKED)
-    tasks = by_task(grade_path(path))
-    assert all("no function named stable_softmax" in r.message for r in tasks["0.1"])
-    assert all(r.passed for r in tasks["0.2"])
+    path = write_nb(tmp_path / "01_attention.ipynb", GOOD_SOFTMAX.replace("stable_softmax", "my_softmax"), GOOD_SDPA)
+    tasks = by_task(grade_path(path, task_id=["1.1", "1.2"]))
+    assert all("no function named stable_softmax" in r.message for r in tasks["1.1"])
+    assert all(r.passed for r in tasks["1.2"])
 
 
 def test_syntax_error_cell_is_skipped_and_named(tmp_path):
-    path = write_nb(tmp_path / "00_warmup.ipynb", GOOD_SOFTMAX, "def masked_softmax(scores, mask, dim=-1)\n    return scores")
-    report = grade_path(path)
+    path = write_nb(tmp_path / "01_attention.ipynb", GOOD_SOFTMAX, "def scaled_dot_product_attention(q, k, v, key_valid=None, causal=False)\n    return q")
+    report = grade_path(path, task_id=["1.1", "1.2"])
     tasks = by_task(report)
-    assert all(r.passed for r in tasks["0.1"])
-    assert "syntax error in cell 3, line 1" in tasks["0.2"][0].message
+    assert all(r.passed for r in tasks["1.1"])
+    assert "syntax error in cell 3, line 1" in tasks["1.2"][0].message
     assert any("syntax error" in n for n in report.notes)
 
 
 def test_wrong_signature_is_explained(tmp_path):
-    path = write_nb(tmp_path / "00_warmup.ipynb", GOOD_SOFTMAX.replace("(x, dim=-1)", "(x, axis=-1)").replace("dim", "axis"))
-    tasks = by_task(grade_path(path, task_id="0.1"))
-    assert all("must take the parameters (x, dim)" in r.message for r in tasks["0.1"])
+    path = write_nb(tmp_path / "01_attention.ipynb", GOOD_SOFTMAX.replace("(x, dim=-1)", "(x, axis=-1)").replace("dim", "axis"))
+    tasks = by_task(grade_path(path, task_id="1.1"))
+    assert all("must take the parameters (x, dim)" in r.message for r in tasks["1.1"])
 
 
 def test_wrong_shape_is_explained(tmp_path):
-    path = write_nb(tmp_path / "00_warmup.ipynb", GOOD_SOFTMAX.replace("return e / e.sum(dim, keepdim=True)",
+    path = write_nb(tmp_path / "01_attention.ipynb", GOOD_SOFTMAX.replace("return e / e.sum(dim, keepdim=True)",
                                                                        "return (e / e.sum(dim, keepdim=True)).flatten()"))
-    tasks = by_task(grade_path(path, task_id="0.1"))
-    assert "output shape (105,), expected (3, 5, 7)" in tasks["0.1"][0].message
+    tasks = by_task(grade_path(path, task_id="1.1"))
+    assert "output shape (105,), expected (3, 5, 7)" in tasks["1.1"][0].message
 
 
 def test_wrong_dtype_fails_output_type(tmp_path):
-    path = write_nb(tmp_path / "00_warmup.ipynb", GOOD_SOFTMAX.replace("keepdim=True)\n", "keepdim=True).double()\n"))
-    results = {r.name: r for r in grade_path(path, task_id="0.1").results}
+    path = write_nb(tmp_path / "01_attention.ipynb", GOOD_SOFTMAX.replace("keepdim=True)\n", "keepdim=True).double()\n"))
+    results = {r.name: r for r in grade_path(path, task_id="1.1").results}
     assert not results["output_type"].passed and "dtype" in results["output_type"].message
 
 
 def test_json_report_has_the_promised_fields(tmp_path):
-    path = write_nb(tmp_path / "00_warmup.ipynb", GOOD_SOFTMAX, GOOD_MASKED)
-    result = grade_cli(path, "--json", "--task", "0.2")
+    path = write_nb(tmp_path / "01_attention.ipynb", GOOD_SOFTMAX, GOOD_SDPA)
+    result = grade_cli(path, "--json", "--task", "1.2")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["score"] == report["max_score"] == 10
+    assert report["score"] == report["max_score"] == 12
     assert {"task", "name", "passed", "points", "message"} <= set(report["checks"][0])
 
 
 def test_failing_grade_exits_nonzero_with_a_table(tmp_path):
-    path = write_nb(tmp_path / "00_warmup.ipynb", GOOD_SOFTMAX.replace("amax(dim", "amax(-1").replace("sum(dim", "sum(-1"))
-    result = grade_cli(path, "--task", "0.1")
+    path = write_nb(tmp_path / "01_attention.ipynb", GOOD_SOFTMAX.replace("amax(dim", "amax(-1").replace("sum(dim", "sum(-1"))
+    result = grade_cli(path, "--task", "1.1")
     assert result.returncode == 1
     assert "other_axes" in result.stdout and "Hint:" in result.stdout
 
 
 def test_unknown_task_is_explained(tmp_path):
-    path = write_nb(tmp_path / "00_warmup.ipynb", GOOD_SOFTMAX)
+    path = write_nb(tmp_path / "01_attention.ipynb", GOOD_SOFTMAX)
     result = grade_cli(path, "--task", "9.9")
     assert result.returncode == 2 and "unknown task '9.9'" in result.stderr
 
 
 def test_progress_counts_passed_tasks(tmp_path):
-    write_nb(tmp_path / "00_warmup.ipynb", GOOD_SOFTMAX, "def masked_softmax(scores, mask, dim=-1):\n    return scores")
+    write_nb(tmp_path / "01_attention.ipynb", GOOD_SOFTMAX, "def scaled_dot_product_attention(q, k, v, key_valid=None, causal=False):\n    return q")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run([sys.executable, "-m", "reference_engine", "progress", str(tmp_path), "--json"],
                             capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     row = json.loads(result.stdout)[0]
-    assert row["chapter"] == "ch00_warmup" and row["passed"] == 1 and row["total"] == 2
-    assert row["tasks"] == {"0.1": True, "0.2": False}
+    assert row["chapter"] == "ch01_attention" and row["passed"] == 1 and row["total"] == 5
+    assert row["tasks"] == {"1.1": True, "1.2": False, "1.3": False, "1.4": False, "1.5": False}
 
 
 @pytest.mark.parametrize("folder", ["exercises", "solutions"])

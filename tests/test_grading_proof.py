@@ -65,3 +65,16 @@ def test_every_task_has_at_least_three_mutants():
     for tasks in CHAPTERS.values():
         for task in tasks:
             assert counts.get(task.id, 0) >= 3, f"task {task.id} has {counts.get(task.id, 0)} mutants"
+
+
+def test_test_cell_points_equal_task_scores(chapter):
+    """nbgrader's in-kernel score and the trusted score use the same scale."""
+    import json
+
+    from reference_engine.grading.tasks import TASKS
+
+    nb = json.loads(notebook("solutions", chapter).read_text())
+    points = {c["metadata"]["nbgrader"]["grade_id"]: c["metadata"]["nbgrader"]["points"]
+              for c in nb["cells"] if c["metadata"].get("nbgrader", {}).get("grade")}
+    for task in CHAPTERS[chapter]:
+        assert points.get("test_" + task.id.replace(".", "_")) == task.max_score, task.id

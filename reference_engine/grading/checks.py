@@ -57,12 +57,17 @@ def compare(task: Task, case: Case, record: dict) -> str | None:
     if record["error"]:
         return f"raised {record['error']} ({case.note})"
     out = record["output"]
+    expected = task.reference(*[a.double() if _is_float(a) else a for a in case.args], **case.kwargs)
+    if case.output is not None:  # one element of a tuple result
+        if not (isinstance(out, list) and len(out) == len(expected)):
+            got = out if isinstance(out, str) else f"{len(out)} tensors" if isinstance(out, list) else "one tensor"
+            return f"must return a tuple of {len(expected)} tensors, returned {got} ({case.note})"
+        out, expected = out[case.output], expected[case.output]
     if not isinstance(out, torch.Tensor):
         return f"returned {out if isinstance(out, str) else type(out).__name__}, not a torch.Tensor ({case.note})"
-    expected = task.reference(*[a.double() if _is_float(a) else a for a in case.args], **case.kwargs)
     if out.shape != expected.shape:
         return f"output shape {tuple(out.shape)}, expected {tuple(expected.shape)} ({case.note})"
-    got = out.double()
+    got, expected = out.double(), expected.double()
     finite = torch.isfinite(expected)
     if not torch.isfinite(got[finite]).all():
         return f"inf or NaN where the answer is finite ({case.note})"
@@ -97,10 +102,12 @@ def judge_common(task: Task, cases: list[Case], observed: dict, same_object: dic
         out = rec["output"]
         if problems["output_type"] is None and not rec["error"]:
             first_float = next((a for a in case.args if _is_float(a)), None)
-            if not isinstance(out, torch.Tensor):
-                problems["output_type"] = f"returned {out if isinstance(out, str) else type(out).__name__} ({case.note})"
-            elif first_float is not None and out.dtype != first_float.dtype:
-                problems["output_type"] = f"returned dtype {out.dtype} for {first_float.dtype} input ({case.note})"
+            outs = out if isinstance(out, list) and case.output is not None else [out]
+            for o in outs:
+                if not isinstance(o, torch.Tensor):
+                    problems["output_type"] = f"returned {o if isinstance(o, str) else type(o).__name__} ({case.note})"
+                elif first_float is not None and o.dtype != first_float.dtype:
+                    problems["output_type"] = f"returned dtype {o.dtype} for {first_float.dtype} input ({case.note})"
         if problems["inputs_unchanged"] is None and rec["inputs_after"] is not None:
             for before, after in zip(case.args, rec["inputs_after"]):
                 if isinstance(before, torch.Tensor) and not (isinstance(after, torch.Tensor) and torch.equal(before, after)):
@@ -109,7 +116,7 @@ def judge_common(task: Task, cases: list[Case], observed: dict, same_object: dic
     if same_object is not None:
         rec = observed.get("same_object") or {"output": None, "error": "not observed"}
         probe = Case("no_caching", same_object["second"], same_object["kwargs"],
-                     "same tensor object, new values written into it")
+                     "same tensor object, new values written into it", output=same_object.get("output"))
         problems["no_caching"] = compare(task, probe, rec)
     results = []
     for name, check in checks.items():
@@ -117,6 +124,18 @@ def judge_common(task: Task, cases: list[Case], observed: dict, same_object: dic
         results.append(CheckResult(task.id, name, p is None, 0 if p else check.points, check.points,
                                    "" if p is None else f"{p}. Hint: {check.hint}"))
     return results
+
+
+def judge_memory(task: Task, largest: int | None) -> CheckResult:
+    spec = task.memory
+    if largest is None:
+        return CheckResult(task.id, "memory", False, 0, spec.points, "could not be traced")
+    if largest > spec.max_elements:
+        return CheckResult(task.id, "memory", False, 0, spec.points,
+                           f"the largest tensor created had {largest:,} elements, the limit is {spec.max_elements:,}. "
+                           f"Hint: {spec.why}")
+    return CheckResult(task.id, "memory", True, spec.points, spec.points,
+                       f"largest tensor {largest:,} elements (limit {spec.max_elements:,})")
 
 
 def gate(results: list[CheckResult], main: CheckResult) -> list[CheckResult]:
@@ -173,7 +192,10 @@ def judge_task(task: Task, cases: list[Case], observed: dict, same_object: dict 
     if blocking:
         return all_fail(task, blocking)
     results = judge_values(task, cases, observed)
-    results += gate(judge_common(task, cases, observed, same_object), results[0])
+    if task.common:
+        results += gate(judge_common(task, cases, observed, same_object), results[0])
+    if task.memory is not None:
+        results += gate([judge_memory(task, observed.get("largest"))], results[0])
     if task.speed is not None:
         values_ok = all(r.passed for r in results)
         measurements = [observed.get("speed")]

@@ -42,6 +42,10 @@ if job.get("baseline_source"):
     namespace = {"__name__": "dojo_baseline"}
     exec(compile(job["baseline_source"], "baseline", "exec"), namespace)
     baseline = namespace[job["baseline_name"]]
+harness = None
+if job.get("harness_source"):  # trusted set-up that needs the engine (loaded before the walls)
+    harness = {"__name__": "dojo_harness"}
+    exec(compile(job["harness_source"], "harness", "exec"), harness)
 torch.set_num_threads(1)
 save()
 
@@ -98,10 +102,14 @@ fn = learner.get(job["function"])
 results["found"] = callable(fn)
 save()
 if callable(fn):
+    signature = observer["signature_of"](fn)  # the learner's own, before any wrapping
+    if harness is not None:
+        fn = harness["wrap"](fn)
+
     def progress(observed):
         results["observed"] = observed
         save()
 
-    observer["run_job"](fn, job, baseline, progress)
+    observer["run_job"](fn, job, baseline, progress, signature)
 results_file.close()
 os._exit(0)  # skip interpreter teardown: learner objects with odd finalizers cannot hang us

@@ -19,7 +19,7 @@ from .grader import grade_path
 
 
 def test_cell_for(task_id: str) -> str:
-    """The nbgrader grade id of a task's test cell. Example: "0.2" -> "test_0_2"."""
+    """The nbgrader grade id of a task's test cell. Example: "1.2" -> "test_1_2"."""
     return "test_" + task_id.replace(".", "_")
 
 

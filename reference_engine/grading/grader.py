@@ -50,15 +50,20 @@ def build_cases(task: Task, seeds: tuple[int, ...] | None = None) -> list[Case]:
 
 def build_job(task: Task, cells: list[str], cases: list[Case]) -> dict:
     """Everything the child needs, as plain data. The parent keeps `cases` to judge with."""
-    g = torch.Generator().manual_seed(1234)
-    probe = next(c for c in cases if c.check == next(iter(task.checks)))
-    second = [torch.randn(a.shape, generator=g, dtype=a.dtype) if _is_float(a) else a for a in probe.args]
     job = {
         "cells": cells, "function": task.function, "blocked_modules": list(task.blocked_modules),
         "calls": [{"args": c.args, "kwargs": c.kwargs} for c in cases],
-        "same_object": {"first": probe.args, "second": second, "kwargs": probe.kwargs},
-        "ops_call": 0,
+        "same_object": None, "ops_call": 0, "harness_source": _source(task.harness_source),
     }
+    if task.common:
+        g = torch.Generator().manual_seed(1234)
+        probe = next(c for c in cases if c.check == next(iter(task.checks)))
+        # new values of the same scale (a different scale would only test float32 rounding)
+        second = [torch.randn(a.shape, generator=g, dtype=a.dtype) * a.std() + a.mean() if _is_float(a) else a
+                  for a in probe.args]
+        job["same_object"] = {"first": probe.args, "second": second, "kwargs": probe.kwargs, "output": probe.output}
+    if task.memory is not None:
+        job["memory"] = {"args": task.memory.args, "kwargs": task.memory.kwargs}
     if task.speed is not None:
         job.update(speed_job(task))
     return job
@@ -68,7 +73,11 @@ def speed_job(task: Task, round_: int = 0) -> dict:
     spec = task.speed
     g = torch.Generator().manual_seed(10_000 + round_)
     return {"speed": {"inputs": [spec.make_inputs(g) for _ in range(spec.pairs)], "kwargs": spec.kwargs},
-            "baseline_source": inspect.cleandoc(spec.baseline_source), "baseline_name": spec.baseline_name}
+            "baseline_source": _source(spec.baseline_source), "baseline_name": spec.baseline_name}
+
+
+def _source(text: str | None) -> str | None:
+    return None if text is None else inspect.cleandoc(text)
 
 
 def _is_float(a) -> bool:
@@ -79,7 +88,7 @@ def grade_task(task: Task, cells: list[Cell], timeout_s: float = 60.0) -> list[c
     runnable = [c.source for c in cells if c.problem is None]
     cases = build_cases(task)
     job = build_job(task, runnable, cases)
-    run = run_child(job, timeout_s=timeout_s)
+    run = run_child(job, timeout_s=timeout_s, memory_mb=task.memory_mb)
     problem = child_problem(task, run, cells)
     if problem:
         return checks.all_fail(task, problem)
@@ -90,8 +99,9 @@ def grade_task(task: Task, cells: list[Cell], timeout_s: float = 60.0) -> list[c
 def measure_speed(task: Task, cells: list[str], round_: int, timeout_s: float = 60.0) -> dict | None:
     """One more speed measurement in a fresh child (inputs seeded by the round)."""
     job = {"cells": cells, "function": task.function, "calls": [], "ops_call": None,
-           "blocked_modules": list(task.blocked_modules), **speed_job(task, round_)}
-    run = run_child(job, timeout_s=timeout_s)
+           "blocked_modules": list(task.blocked_modules), "harness_source": _source(task.harness_source),
+           **speed_job(task, round_)}
+    run = run_child(job, timeout_s=timeout_s, memory_mb=task.memory_mb)
     return ((run.results or {}).get("observed") or {}).get("speed")
 
 
@@ -120,14 +130,16 @@ def _runnable_number(cells: list[Cell], index: int) -> int:
     return [c for c in cells if c.problem is None][index].number
 
 
-def resolve_tasks(cells: list[Cell], path: Path, task_id: str | None) -> list[Task]:
+def resolve_tasks(cells: list[Cell], path: Path, task_id: str | list[str] | None) -> list[Task]:
     """The tasks to grade: the one asked for, or the chapter named by the file, or the
     chapter whose functions the code defines."""
     load_chapters()
     if task_id is not None:
-        if task_id not in TASKS:
-            raise DojoError(f"unknown task {task_id!r}; tasks are {', '.join(sorted(TASKS))}")
-        return [TASKS[task_id]]
+        ids = [task_id] if isinstance(task_id, str) else list(task_id)
+        for tid in ids:
+            if tid not in TASKS:
+                raise DojoError(f"unknown task {tid!r}; tasks are {', '.join(sorted(TASKS))}")
+        return [TASKS[tid] for tid in ids]
     stem = path.stem.lower()
     for chapter, tasks in CHAPTERS.items():
         if stem.startswith(chapter.removeprefix("ch")) or stem.startswith(chapter):
@@ -140,7 +152,8 @@ def resolve_tasks(cells: list[Cell], path: Path, task_id: str | None) -> list[Ta
                     f"{next(iter(CHAPTERS)).removeprefix('ch')}.ipynb) or pass --task ID")
 
 
-def grade_path(path: str | Path, task_id: str | None = None, timeout_s: float = 60.0) -> Report:
+def grade_path(path: str | Path, task_id: str | list[str] | None = None, timeout_s: float = 60.0) -> Report:
+    """Grade the tasks of the notebook's chapter (or the task ids given) in the sandbox."""
     path = Path(path)
     cells = read_cells(path)
     tasks = resolve_tasks(cells, path, task_id)

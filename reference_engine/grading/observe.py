@@ -53,11 +53,12 @@ def observe_call(fn, args: list, kwargs: dict) -> dict:
 def observe_same_object_twice(fn, first: list, second: list, kwargs: dict) -> dict:
     """Call fn on a tensor, overwrite that same tensor in place with new values, call again.
     A result cached by object identity (or data pointer) shows up as a stale second output."""
-    args = [a.clone() for a in first]
     try:
+        args = [a.clone() if isinstance(a, torch.Tensor) else a for a in first]
         fn(*args, **kwargs)
         for a, b in zip(args, second):
-            a.copy_(b)
+            if isinstance(a, torch.Tensor):
+                a.copy_(b)
         return {"output": plain(fn(*args, **kwargs)), "error": None}
     except Exception as e:
         return {"output": None, "error": describe_error(e)}
@@ -75,6 +76,30 @@ def observe_ops(fn, args: list, kwargs: dict) -> list:
     except Exception:
         pass  # errors are reported by observe_call
     return sorted({event.name for event in prof.events()})
+
+
+def observe_largest(fn, args: list, kwargs: dict) -> int:
+    """The most elements of any tensor an aten operator produced during one call,
+    recorded by a dispatch mode (the static scan refuses code that could disable it)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    Largest.largest = max(Largest.largest, t.numel())
+            return out
+
+    args = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    try:
+        with Largest():
+            fn(*args, **kwargs)
+    except Exception:
+        pass  # errors are reported by observe_call
+    return Largest.largest
 
 
 def observe_speed(fn, baseline, inputs: list, kwargs: dict, min_sample_s: float = 0.002) -> dict:
@@ -120,12 +145,15 @@ def observe_speed(fn, baseline, inputs: list, kwargs: dict, min_sample_s: float 
     return result
 
 
-def run_job(fn, job: dict, baseline=None, progress=None) -> dict:
+def run_job(fn, job: dict, baseline=None, progress=None, signature=None) -> dict:
     """Everything the parent asked for, for one task. `job` keys: calls (list of
     {args, kwargs}), same_object (optional {first, second, kwargs}), ops_call (index
-    into calls, or None), speed (optional {inputs, kwargs}). progress(observed) is called
-    after every stage, so that a later hang or crash loses nothing already seen."""
-    out = {"signature": signature_of(fn), "calls": [], "same_object": None, "ops": None, "speed": None}
+    into calls, or None), memory (optional {args, kwargs}), speed (optional {inputs, kwargs}).
+    progress(observed) is called after every stage, so that a later hang or crash loses
+    nothing already seen. signature: the parameter names to report, when fn wraps the
+    learner's function."""
+    out = {"signature": signature or signature_of(fn), "calls": [], "same_object": None, "ops": None, "speed": None,
+           "largest": None}
     report = progress or (lambda _: None)
     for call in job["calls"]:
         out["calls"].append(observe_call(fn, call["args"], call["kwargs"]))
@@ -137,6 +165,9 @@ def run_job(fn, job: dict, baseline=None, progress=None) -> dict:
     if job.get("ops_call") is not None:
         call = job["calls"][job["ops_call"]]
         out["ops"] = observe_ops(fn, call["args"], call["kwargs"])
+        report(out)
+    if job.get("memory"):
+        out["largest"] = observe_largest(fn, job["memory"]["args"], job["memory"]["kwargs"])
         report(out)
     if job.get("speed") and baseline is not None:
         threads = torch.get_num_threads()

@@ -19,7 +19,11 @@ from pathlib import Path
 
 from ..errors import DojoError
 
-NBGRADER_CONFIG = 'c = get_config()\nc.ClearSolutions.code_stub = {"python": "# YOUR CODE HERE"}\n'
+NBGRADER_CONFIG = (
+    "c = get_config()\n"
+    'c.ClearSolutions.code_stub = {"python": "# YOUR CODE HERE"}\n'
+    "c.ExecutePreprocessor.timeout = 180  # task 1.5 loads SmolLM2 inside its test cell\n"
+)
 
 
 def nbgrader(course: Path, *args: str) -> subprocess.CompletedProcess:

@@ -2,7 +2,7 @@
 
     python -m reference_engine.grading.stability [--runs 20]
 
-Grades the speed check of task 0.1 `runs` times for the solution and for a variant that
+Grades the speed check of task 1.1 (softmax) `runs` times for the solution and for a variant that
 does the same work twice, first on a quiet machine, then with a CPU-hogging process
 beside it, and prints how often each decision came out and the range of the measured
 ratios. A stable check never flips: the solution always passes, the slow variant always
@@ -38,7 +38,7 @@ def cpu_hog():
         hog.wait()
 
 
-def speed_decision(source: str, task_id: str = "0.1") -> tuple[str, float]:
+def speed_decision(source: str, task_id: str = "1.1") -> tuple[str, float]:
     """(status, median ratio) of one speed check, re-measuring as the grader does."""
     task = TASKS[task_id]
     measurements = []

@@ -20,6 +20,7 @@ class Case:
     args: list
     kwargs: dict = field(default_factory=dict)
     note: str = ""  # shown on failure, e.g. "shape (3, 5, 7), dim=0"
+    output: int | None = None  # for functions returning a tuple: which element this case judges
 
 
 @dataclass
@@ -43,9 +44,21 @@ class Speed:
 
 
 @dataclass
+class Memory:
+    """The largest tensor any operator produces during one traced call must have at most
+    `max_elements(*args)` elements: how "never materialises the T x T matrix" is checked."""
+
+    args: list
+    kwargs: dict
+    max_elements: int
+    why: str
+    points: int = 2
+
+
+@dataclass
 class Task:
-    id: str  # "0.1"
-    chapter: str  # pytest marker and notebook name stem, "ch00_warmup"
+    id: str  # "1.2"
+    chapter: str  # pytest marker and notebook name stem, "ch01_attention"
     title: str
     function: str  # the name the learner's code must define
     params: tuple[str, ...]  # required parameter names, in order
@@ -54,6 +67,10 @@ class Task:
     checks: dict[str, Check]  # value checks by name, in report order
     forbidden_ops: dict[str, str] = field(default_factory=dict)  # aten op name -> what the learner wrote
     speed: Speed | None = None
+    memory: Memory | None = None
+    common: bool = True  # output type, untouched inputs, no caching (off where inputs are token ids)
+    harness_source: str | None = None  # trusted code run in the child before the learner's: defines wrap(fn)
+    memory_mb: int = 4096  # the child's address-space limit
     rtol: float = 1e-5
     atol: float = 1e-6
     seeds: tuple[int, ...] = (0, 1, 2)  # visible checks in the notebook, and the trusted grader
@@ -71,7 +88,9 @@ class Task:
     }
 
     def all_checks(self) -> dict[str, Check]:
-        checks = {**self.checks, **self.COMMON}
+        checks = {**self.checks, **(self.COMMON if self.common else {})}
+        if self.memory is not None:
+            checks["memory"] = Check(self.memory.points, self.memory.why)
         if self.speed is not None:
             checks["speed"] = Check(2, self.speed.why)
         return checks
@@ -93,4 +112,4 @@ def register(*tasks: Task) -> None:
 
 def load_chapters() -> None:
     """Import every chapter module, which registers its tasks."""
-    from .chapters import ch00_warmup  # noqa: F401
+    from .chapters import ch01_attention  # noqa: F401

@@ -1,7 +1,7 @@
 """The trusted grader as pytest: one test per check, marked by chapter and task.
 
-    pytest tests/graders --notebook exercises/00_warmup.ipynb
-    pytest tests/graders --notebook exercises/00_warmup.ipynb -m task_0_2
+    pytest tests/graders --notebook exercises/01_attention.ipynb
+    pytest tests/graders --notebook exercises/01_attention.ipynb -m task_1_2
 
 The learner's code runs in the grader's sandboxed child process, exactly as with
 `python -m reference_engine grade`; nothing it does can reach this pytest process.

@@ -1,4 +1,4 @@
-"""0.1 output_type: float32 in must give float32 out."""
+"""1.1 output_type: float32 in must give float32 out."""
 import torch
 
 

@@ -1,4 +1,4 @@
-"""0.1 large_inputs: the mean is no bound on the largest exponent."""
+"""1.1 large_inputs: the mean is no bound on the largest exponent."""
 import torch
 
 

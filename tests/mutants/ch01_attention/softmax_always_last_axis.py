@@ -1,4 +1,4 @@
-"""0.1 other_axes: ignores `dim`."""
+"""1.1 other_axes: ignores `dim`."""
 import torch
 
 

@@ -1,4 +1,4 @@
-"""0.1 speed: one row at a time in Python (correct values, far too slow)."""
+"""1.1 speed: one row at a time in Python (correct values, far too slow)."""
 import torch
 
 

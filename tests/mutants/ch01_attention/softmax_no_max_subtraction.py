@@ -1,4 +1,4 @@
-"""0.1 large_inputs: exp() of raw scores overflows float32 above about 88."""
+"""1.1 large_inputs: exp() of raw scores overflows float32 above about 88."""
 import torch
 
 

@@ -1,4 +1,4 @@
-"""0.1 inputs_unchanged: subtracts the max in place, overwriting the caller's tensor."""
+"""1.1 inputs_unchanged: subtracts the max in place, overwriting the caller's tensor."""
 import torch
 
 

@@ -1,4 +1,4 @@
-"""0.1 output_type: a numpy array is not a tensor."""
+"""1.1 output_type: a numpy array is not a tensor."""
 import torch
 
 

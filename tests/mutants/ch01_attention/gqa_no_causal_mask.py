@@ -1,0 +1,18 @@
+"""1.3 mha: every token also attends to the future."""
+import math
+
+import torch
+
+
+def grouped_query_attention(x, wq, wk, wv, wo, n_heads, n_kv_heads):
+    B, T, _ = x.shape
+    D = wq.shape[0] // n_heads
+    q = (x @ wq.T).view(B, T, n_heads, D).transpose(1, 2)
+    k = (x @ wk.T).view(B, T, n_kv_heads, D).transpose(1, 2)
+    v = (x @ wv.T).view(B, T, n_kv_heads, D).transpose(1, 2)
+    group = n_heads // n_kv_heads
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(D)
+    pass
+    y = scores.softmax(-1) @ v
+    return y.transpose(1, 2).reshape(B, T, n_heads * D) @ wo.T
