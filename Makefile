@@ -2,7 +2,7 @@
 #               make test   (set up, then run the whole test suite)
 PY := .venv/bin/python
 
-.PHONY: setup demo test bench exercises clean
+.PHONY: setup demo test bench exercises book clean
 
 setup:
 	@bash scripts/setup.sh
@@ -19,6 +19,11 @@ bench: setup
 # Regenerate exercises/ from solutions/ with nbgrader (a test fails when they differ).
 exercises: setup
 	$(PY) -m reference_engine make-exercises
+
+# The book: static HTML from the lessons (executed) and the question banks.
+book: setup
+	$(PY) book/build.py
+	@echo "open book/_build/index.html"
 
 clean:
 	rm -rf .venv .pytest_cache
