@@ -11,7 +11,6 @@ Open book/_build/index.html.
 from __future__ import annotations
 
 import argparse
-import base64
 import html
 import re
 import sys

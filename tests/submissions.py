@@ -1,6 +1,9 @@
 """Correct learner code for chapter-1 tasks, for tests that need an honest neighbour to an
 attack or a mistake (the solutions notebook is the reference for the grader itself)."""
 
+import nbformat
+from nbformat.v4 import new_code_cell, new_notebook
+
 GOOD_SOFTMAX = "def stable_softmax(x, dim=-1):\n    e = (x - x.amax(dim, keepdim=True)).exp()\n    return e / e.sum(dim, keepdim=True)\n"
 GOOD_SDPA = (
     "import math\n\n"
@@ -19,3 +22,9 @@ GOOD_SDPA = (
     "    total = e.sum(-1, keepdim=True)\n"
     "    return torch.where(total > 0, e / total, torch.zeros_like(e)) @ v\n"
 )
+
+
+def write_nb(path, *cells):
+    """A notebook of an `import torch` cell followed by one code cell per string."""
+    nbformat.write(new_notebook(cells=[new_code_cell("import torch")] + [new_code_cell(c) for c in cells]), path)
+    return path

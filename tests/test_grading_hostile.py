@@ -5,11 +5,9 @@ correct attention: 1.1 must not score more than the attack's honest code would, 
 must keep its full marks.
 """
 
-import nbformat
 import pytest
 import torch
-from nbformat.v4 import new_code_cell, new_notebook
-from submissions import GOOD_SDPA
+from submissions import GOOD_SDPA, write_nb
 
 from reference_engine.grading.grader import grade_path
 from reference_engine.grading.sandbox import PROJECT_ROOT, run_child
@@ -78,10 +76,7 @@ def stable_softmax(x, dim=-1):
 
 
 def hostile_notebook(path, cells):
-    nb = new_notebook(cells=[new_code_cell("import torch")] + [new_code_cell(c) for c in cells]
-                      + [new_code_cell(GOOD_SDPA)])
-    nbformat.write(nb, path)
-    return path
+    return write_nb(path, *cells, GOOD_SDPA)
 
 
 @pytest.mark.parametrize("attack", sorted(HOSTILE))

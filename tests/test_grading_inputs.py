@@ -7,19 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import nbformat
 import pytest
-from nbformat.v4 import new_code_cell, new_notebook
 
 from reference_engine.grading.grader import grade_path
-from submissions import GOOD_SDPA, GOOD_SOFTMAX
+from submissions import GOOD_SDPA, GOOD_SOFTMAX, write_nb
 
 ROOT = Path(__file__).resolve().parents[1]
-def write_nb(path, *cells):
-    nbformat.write(new_notebook(cells=[new_code_cell("import torch")] + [new_code_cell(c) for c in cells]), path)
-    return path
-
-
 def grade_cli(*args):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "reference_engine", "grade", *map(str, args)],

@@ -71,8 +71,6 @@ def test_test_cell_points_equal_task_scores(chapter):
     """nbgrader's in-kernel score and the trusted score use the same scale."""
     import json
 
-    from reference_engine.grading.tasks import TASKS
-
     nb = json.loads(notebook("solutions", chapter).read_text())
     points = {c["metadata"]["nbgrader"]["grade_id"]: c["metadata"]["nbgrader"]["points"]
               for c in nb["cells"] if c["metadata"].get("nbgrader", {}).get("grade")}

@@ -57,7 +57,7 @@ def compare(task: Task, case: Case, record: dict) -> str | None:
     if record["error"]:
         return f"raised {record['error']} ({case.note})"
     out = record["output"]
-    expected = task.reference(*[a.double() if _is_float(a) else a for a in case.args], **case.kwargs)
+    expected = task.reference(*[a.double() if is_float(a) else a for a in case.args], **case.kwargs)
     if case.output is not None:  # one element of a tuple result
         if not (isinstance(out, list) and len(out) == len(expected)):
             got = out if isinstance(out, str) else f"{len(out)} tensors" if isinstance(out, list) else "one tensor"
@@ -81,7 +81,7 @@ def compare(task: Task, case: Case, record: dict) -> str | None:
     return None
 
 
-def _is_float(a) -> bool:
+def is_float(a) -> bool:
     return isinstance(a, torch.Tensor) and a.is_floating_point()
 
 
@@ -101,7 +101,7 @@ def judge_common(task: Task, cases: list[Case], observed: dict, same_object: dic
     for case, rec in zip(cases, observed["calls"]):
         out = rec["output"]
         if problems["output_type"] is None and not rec["error"]:
-            first_float = next((a for a in case.args if _is_float(a)), None)
+            first_float = next((a for a in case.args if is_float(a)), None)
             outs = out if isinstance(out, list) and case.output is not None else [out]
             for o in outs:
                 if not isinstance(o, torch.Tensor):

@@ -48,19 +48,22 @@ def build_cases(task: Task, seeds: tuple[int, ...] | None = None) -> list[Case]:
     return cases
 
 
+def _base_job(task: Task, cells: list[str]) -> dict:
+    """What every child job of a task carries: the code to run and how to run it."""
+    return {"cells": cells, "function": task.function, "blocked_modules": list(task.blocked_modules),
+            "harness_source": _source(task.harness_source)}
+
+
 def build_job(task: Task, cells: list[str], cases: list[Case]) -> dict:
     """Everything the child needs, as plain data. The parent keeps `cases` to judge with."""
-    job = {
-        "cells": cells, "function": task.function, "blocked_modules": list(task.blocked_modules),
-        "calls": [{"args": c.args, "kwargs": c.kwargs} for c in cases],
-        "same_object": None, "ops_call": 0, "harness_source": _source(task.harness_source),
-    }
+    job = {**_base_job(task, cells), "calls": [{"args": c.args, "kwargs": c.kwargs} for c in cases],
+           "same_object": None, "ops_call": 0}
     if task.common:
         g = torch.Generator().manual_seed(1234)
         probe = next(c for c in cases if c.check == next(iter(task.checks)))
         # new values of the same scale (a different scale would only test float32 rounding)
-        second = [torch.randn(a.shape, generator=g, dtype=a.dtype) * a.std() + a.mean() if _is_float(a) else a
-                  for a in probe.args]
+        second = [torch.randn(a.shape, generator=g, dtype=a.dtype) * a.std() + a.mean()
+                  if checks.is_float(a) else a for a in probe.args]
         job["same_object"] = {"first": probe.args, "second": second, "kwargs": probe.kwargs, "output": probe.output}
     if task.memory is not None:
         job["memory"] = {"args": task.memory.args, "kwargs": task.memory.kwargs}
@@ -80,10 +83,6 @@ def _source(text: str | None) -> str | None:
     return None if text is None else inspect.cleandoc(text)
 
 
-def _is_float(a) -> bool:
-    return isinstance(a, torch.Tensor) and a.is_floating_point()
-
-
 def grade_task(task: Task, cells: list[Cell], timeout_s: float = 60.0) -> list[checks.CheckResult]:
     runnable = [c.source for c in cells if c.problem is None]
     try:
@@ -101,9 +100,7 @@ def grade_task(task: Task, cells: list[Cell], timeout_s: float = 60.0) -> list[c
 
 def measure_speed(task: Task, cells: list[str], round_: int, timeout_s: float = 60.0) -> dict | None:
     """One more speed measurement in a fresh child (inputs seeded by the round)."""
-    job = {"cells": cells, "function": task.function, "calls": [], "ops_call": None,
-           "blocked_modules": list(task.blocked_modules), "harness_source": _source(task.harness_source),
-           **speed_job(task, round_)}
+    job = {**_base_job(task, cells), "calls": [], "ops_call": None, **speed_job(task, round_)}
     run = run_child(job, timeout_s=timeout_s, memory_mb=task.memory_mb)
     return ((run.results or {}).get("observed") or {}).get("speed")
 

@@ -29,7 +29,7 @@ def quiet_stderr():
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stderr(open(os.devnull, "w")):
+        with warnings.catch_warnings(), open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink):
             warnings.simplefilter("ignore")
             yield
     finally:

@@ -15,7 +15,7 @@ import argparse
 import statistics
 import subprocess
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 from .checks import judge_speed, speed_ratios
 from .grader import measure_speed
@@ -53,16 +53,11 @@ def speed_decision(source: str, task_id: str = "1.1") -> tuple[str, float]:
 def stability(runs: int, hog: bool) -> dict:
     load_chapters()
     rows = {}
-    with cpu_hog() if hog else _nothing():
+    with cpu_hog() if hog else nullcontext():
         for name, source in (("solution", SOLUTION), ("twice as slow", TWICE)):
             outcomes = [speed_decision(source) for _ in range(runs)]
             rows[name] = {"statuses": [s for s, _ in outcomes], "ratios": [r for _, r in outcomes]}
     return rows
-
-
-@contextmanager
-def _nothing():
-    yield
 
 
 def main() -> None:
