@@ -15,8 +15,9 @@
 
 `ATTENTION_IMPLS` maps the names accepted by `ModelConfig.attn_impl` to functions with
 one signature, so the model can run any of them and give the same logits.
-Shapes: q (B, H, Tq, D); k, v (B, KV, Tk, D) with H a multiple of KV; masks are bool,
-True = may attend, broadcastable to (B, H, Tq, Tk).
+Shapes: q (B, H, Tq, D); k, v (B, KV, Tk, D) with H a multiple of KV; masks broadcast to
+(B, H, Tq, Tk) and are either bool (True = may attend) or float, added to the scores
+(-inf hides a key; ALiBi's distance penalty travels this way, see `positional.py`).
 """
 
 from __future__ import annotations
@@ -55,6 +56,13 @@ def padding_mask(key_valid: torch.Tensor) -> torch.Tensor:
     return key_valid[:, None, None, :]
 
 
+def apply_mask(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Scores with a bool mask (False -> -inf) or a float mask (added) applied."""
+    if mask.dtype == torch.bool:
+        return scores.masked_fill(~mask, float("-inf"))
+    return scores + mask
+
+
 # -- the formula ------------------------------------------------------------------------------
 
 
@@ -75,10 +83,9 @@ def sdpa_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, Tq, Tk)
     if is_causal:
-        mask = causal_mask(q.shape[2], k.shape[2], q.device) if mask is None else mask & causal_mask(
-            q.shape[2], k.shape[2], q.device)
+        scores = apply_mask(scores, causal_mask(q.shape[2], k.shape[2], q.device))
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
+        scores = apply_mask(scores, mask)
     return stable_softmax(scores, dim=-1) @ v
 
 
@@ -157,14 +164,10 @@ def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
         for ks in range(0, key_end, block_size):
             ke = min(ks + block_size, key_end)
             s = (q_blk @ repeat_kv(k[:, :, ks:ke], n_rep).transpose(-2, -1)) * scale  # (B, H, bq, bk)
-            visible = None
             if is_causal and ke - 1 > qs + offset:  # only tiles that cross the diagonal need a mask
-                visible = torch.arange(ks, ke, device=q.device)[None, :] <= q_pos  # (bq, bk)
+                s = apply_mask(s, torch.arange(ks, ke, device=q.device)[None, :] <= q_pos)  # (bq, bk)
             if mask is not None:
-                tile = mask[..., qs:qe, ks:ke] if mask.shape[-2] > 1 else mask[..., ks:ke]
-                visible = tile if visible is None else visible & tile
-            if visible is not None:
-                s = s.masked_fill(~visible, float("-inf"))
+                s = apply_mask(s, mask[..., qs:qe, ks:ke] if mask.shape[-2] > 1 else mask[..., ks:ke])
             m_new = torch.maximum(m, s.amax(-1, keepdim=True))
             safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))  # no key seen yet
             p = (s - safe).exp()
@@ -191,6 +194,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         # Decode step: one query per head. Query heads g*group .. g*group+group-1 share
         # K/V head g, so fold the group into the query-length axis and attend once per
         # K/V head: (B, KV, group, D) against (B, KV, L, D). No repeated K/V in memory.
+        if mask is not None and mask.shape[1] == H and H > 1:  # per-head mask (ALiBi): fold it too
+            mask = mask.reshape(mask.shape[0], n_kv, group, mask.shape[-1])  # (B, KV, group, L)
         out = F.scaled_dot_product_attention(q.view(B, n_kv, group, D), k, v, attn_mask=mask)
         return out.view(B, H, 1, D)
     k, v = repeat_kv(k, group), repeat_kv(v, group)  # (B, H, L, D)

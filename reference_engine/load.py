@@ -3,28 +3,45 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import torch
 
-from .gguf_loader import config_from_gguf, default_model_path, open_gguf, state_dict_from_gguf
+from .errors import DojoError
+from .gguf_loader import (
+    config_from_gguf,
+    default_model_path,
+    open_gguf,
+    state_dict_from_gguf,
+)
 from .model import Transformer
-from .positional import rope_tables
 from .tokenizer import Tokenizer
+
+# Config fields a caller may change at load time: how positions are encoded and attention
+# computed. Everything else is a fact of the file (changing it would not fit the weights).
+LOAD_OVERRIDES = ("attn_impl", "max_seq_len", "rope_base", "rope_layout", "rope_scaling", "rope_scaling_factor")
 
 
 def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu", pack: bool = True) -> tuple[Transformer, Tokenizer]:
+               device: str | torch.device = "cpu", pack: bool = True,
+               **config_overrides) -> tuple[Transformer, Tokenizer]:
     """Load a Llama-architecture GGUF file; the default is SmolLM2-135M-Instruct.
 
     pack: on the CPU in float32, also keep oneDNN-blocked copies of the weights for fast
     decoding (`Transformer.pack_for_cpu`; doubles the memory of the weights).
+    config_overrides: any of LOAD_OVERRIDES, e.g. rope_layout="adjacent", or
+        rope_scaling="ntk", rope_scaling_factor=2.0, max_seq_len=16384.
 
     Example:
         model, tokenizer = load_model()
         logits = model(torch.tensor([tokenizer.encode("Hello")]))  # (1, T, 49152) float32
     """
+    wrong = sorted(set(config_overrides) - set(LOAD_OVERRIDES))
+    if wrong:
+        raise DojoError(f"load_model cannot override {', '.join(wrong)}: those are read from the file. "
+                        f"It can override {', '.join(LOAD_OVERRIDES)}.")
     reader = open_gguf(path if path is not None else default_model_path())
-    config = config_from_gguf(reader)
+    config = replace(config_from_gguf(reader), **config_overrides)
     tokenizer = Tokenizer.from_gguf(reader)
     model = model_from_state_dict(config, state_dict_from_gguf(reader, config))
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
@@ -43,6 +60,5 @@ def model_from_state_dict(config, state_dict: dict[str, torch.Tensor]) -> Transf
     with torch.device("meta"):
         model = Transformer(config)
     model.load_state_dict(state_dict, assign=True, strict=True)
-    if config.pos_encoding == "rope":  # non-persistent buffers were created on meta
-        model.rope_cos, model.rope_sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_base)
+    model.make_position_tables()  # non-persistent buffers were created on meta
     return model

@@ -22,7 +22,7 @@ from .attention import ATTENTION_IMPLS
 from .config import ModelConfig
 from .errors import DojoError
 from .kv_cache import KVCache
-from .positional import apply_rope, rope_tables
+from .positional import alibi_bias, apply_rope, rope_tables, sinusoidal_table
 
 
 class PackedWeight:
@@ -104,7 +104,7 @@ class Attention(nn.Module):
         qkv_rows = (config.n_heads + 2 * config.n_kv_heads) * config.head_dim
         self.wqkv = Linear(config.d_model, qkv_rows, bias=config.bias)  # rows: [Q; K; V]
         self.wo = Linear(config.n_heads * config.head_dim, config.d_model, bias=config.bias)
-        self.use_rope = config.pos_encoding == "rope"
+        self.rope_layout = config.rope_layout if config.pos_encoding == "rope" else None
         self.kv_cache: KVCache | None = None
         self.attend = ATTENTION_IMPLS[config.attn_impl]  # (q, k, v, mask, is_causal) -> (B, H, T, D)
 
@@ -114,16 +114,16 @@ class Attention(nn.Module):
         H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self.wqkv(x).view(B, T, H + 2 * KV, D)  # (B, T, H+2KV, D)
         qk, v = qkv[:, :, : H + KV], qkv[:, :, H + KV :]
-        if self.use_rope:
-            qk = apply_rope(qk, *rope)  # Q and K heads rotated in one call
+        if self.rope_layout is not None:
+            qk = apply_rope(qk, *rope, self.rope_layout)  # Q and K heads rotated in one call
         q = qk[:, :, :H].transpose(1, 2)  # (B, H, T, D)
         k = qk[:, :, H:].transpose(1, 2)  # (B, KV, T, D)
         v = v.transpose(1, 2)  # (B, KV, T, D)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(start, k, v)  # (B, KV, start+T, D)
         # subtle: is_causal aligns the mask top-left, which is right only when queries and
-        # keys start at the same slot (start == 0); otherwise the caller passes a mask.
-        y = self.attend(q, k, v, mask, T > 1 and start == 0)  # (B, H, T, D)
+        # keys start at the same slot; the model passes a mask (causal included) otherwise.
+        y = self.attend(q, k, v, mask, T > 1 and mask is None)  # (B, H, T, D)
         return self.wo(y.transpose(1, 2).reshape(B, T, H * D))
 
 
@@ -171,16 +171,25 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.d_model)
         if config.pos_encoding == "learned":
             self.pos_embeddings = nn.Embedding(config.max_seq_len, config.d_model)
-        else:
-            cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_base)
-            self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, head_dim)
-            self.register_buffer("rope_sin", sin, persistent=False)
+        self.make_position_tables()
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = make_norm(config)
         if not config.tie_embeddings:
             self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
 
     tied_head_packed: PackedWeight | None = None
+
+    def make_position_tables(self) -> None:
+        """(Re)build the fixed tables the config asks for: the sinusoid added to the
+        embeddings, or RoPE's cos/sin. Not saved in the state dict: they follow the config."""
+        c = self.config
+        if c.pos_encoding == "sinusoidal":
+            self.register_buffer("pos_table", sinusoidal_table(c.max_seq_len, c.d_model), persistent=False)
+        elif c.pos_encoding == "rope":
+            cos, sin = rope_tables(c.head_dim, c.max_seq_len, c.rope_base, c.rope_layout,
+                                   c.rope_scaling, c.rope_scaling_factor)
+            self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, head_dim)
+            self.register_buffer("rope_sin", sin, persistent=False)
 
     def pack_for_cpu(self) -> bool:
         """Give every matmul a oneDNN-blocked copy of its weight for fast small-batch
@@ -248,9 +257,13 @@ class Transformer(nn.Module):
         rope = None
         if self.config.pos_encoding == "learned":
             x = x + self.pos_embeddings(positions)
-        else:
+        elif self.config.pos_encoding == "sinusoidal":
+            x = x + self.pos_table[positions].to(x.dtype)
+        elif self.config.pos_encoding == "rope":
             rope = (self.rope_cos[positions].unsqueeze(2), self.rope_sin[positions].unsqueeze(2))  # (B, T, 1, D)
         mask = self._attention_mask(T, start, key_valid, x.device)
+        if self.config.pos_encoding == "alibi":
+            mask = self._alibi_mask(T, start, mask, x.dtype)
         for layer in self.layers:
             x = layer(x, rope, start, mask)
         if last_only:
@@ -259,6 +272,15 @@ class Transformer(nn.Module):
         if not self.config.tie_embeddings:
             return self.lm_head(x).float()
         return linear(x, self.tok_embeddings.weight, packed=self.tied_head_packed).float()
+
+    def _alibi_mask(self, T: int, start: int, mask: torch.Tensor | None, dtype) -> torch.Tensor:
+        """float (B or 1, H, T, start+T): ALiBi's distance penalty, -inf where the bool mask
+        (or, without one, causality) hides the key. Distances count cache slots, which equal
+        position differences between real tokens because padding only ever comes first."""
+        bias = alibi_bias(self.config.n_heads, T, start + T, self.tok_embeddings.weight.device)  # (H, T, L)
+        if mask is not None:
+            bias = bias.masked_fill(~mask, float("-inf"))  # (B, H, T, L)
+        return (bias if bias.dim() == 4 else bias[None]).to(dtype)
 
     @staticmethod
     def _attention_mask(T: int, start: int, key_valid: torch.Tensor | None, device) -> torch.Tensor | None:

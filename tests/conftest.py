@@ -32,9 +32,9 @@ def tiny():
     return tiny_llama()
 
 
-@pytest.fixture(params=["tiny", "tiny-mha", "tiny-gpt2"])
+@pytest.fixture(params=["tiny", "tiny-mha", "tiny-gpt2", "tiny-alibi", "tiny-sinusoidal"])
 def any_tiny(request):
-    """Every architecture family, float64 so that equality checks are not at the mercy of
+    """Every architecture family and positional encoding, float64 so that equality checks are not at the mercy of
     float32 rounding in differently shaped matmuls."""
     torch.manual_seed(1)
     model = Transformer(ModelConfig.from_name(request.param)).double().eval()

@@ -6,7 +6,8 @@ import torch
 from tiny_gguf import permute_rope_rows, tiny_llama, write_gguf
 
 from reference_engine import DojoError, load_model
-from reference_engine.gguf_loader import default_model_path, unpermute_rope_rows
+from reference_engine.gguf_loader import default_model_path
+from reference_engine.positional import adjacent_to_half_rows
 
 
 def quantize_rows(model, tensor_type):
@@ -34,16 +35,34 @@ def test_loaded_model_reproduces_the_written_weights(tmp_path, tensor_type):
     assert model.config.n_kv_heads == 2 and model.config.vocab_size == 300 and tokenizer.vocab_size == 300
 
 
+def test_the_adjacent_layout_loads_the_same_model(tmp_path):
+    """rope_layout="adjacent" keeps the file's rows and rotates adjacent pairs instead."""
+    path = tmp_path / "tiny.gguf"
+    write_gguf(tiny_llama(), path, "F32")
+    half, _ = load_model(path)
+    adjacent, _ = load_model(path, rope_layout="adjacent")
+    assert adjacent.config.rope_layout == "adjacent"
+    ids = torch.randint(0, 300, (2, 9))
+    torch.testing.assert_close(adjacent(ids), half(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_load_time_overrides_are_limited_to_what_the_file_does_not_fix(tmp_path):
+    path = tmp_path / "tiny.gguf"
+    write_gguf(tiny_llama(), path, "F32")
+    with pytest.raises(DojoError, match="cannot override n_heads"):
+        load_model(path, n_heads=2)
+
+
 def test_skipping_the_rope_unpermutation_changes_the_model(tmp_path):
     """Guards the test above: the permutation is not a no-op on these weights."""
     w = torch.randn(32, 8)
-    assert not torch.equal(unpermute_rope_rows(w, 2), w)
-    torch.testing.assert_close(unpermute_rope_rows(torch.from_numpy(permute_rope_rows(w.numpy(), 2)), 2), w)
+    assert not torch.equal(adjacent_to_half_rows(w, 2), w)
+    torch.testing.assert_close(adjacent_to_half_rows(torch.from_numpy(permute_rope_rows(w.numpy(), 2)), 2), w)
 
 
 def test_unpermute_example_from_the_docstring():
     rows = torch.tensor([[0.0], [10.0], [1.0], [11.0]])  # GGUF: a0, b0, a1, b1
-    assert unpermute_rope_rows(rows, 1).flatten().tolist() == [0.0, 1.0, 10.0, 11.0]
+    assert adjacent_to_half_rows(rows, 1).flatten().tolist() == [0.0, 1.0, 10.0, 11.0]
 
 
 def test_missing_file(tmp_path):
