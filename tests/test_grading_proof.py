@@ -76,3 +76,24 @@ def test_test_cell_points_equal_task_scores(chapter):
               for c in nb["cells"] if c["metadata"].get("nbgrader", {}).get("grade")}
     for task in CHAPTERS[chapter]:
         assert points.get("test_" + task.id.replace(".", "_")) == task.max_score, task.id
+
+
+# Chapter 1's notebook runs in a kernel in test_classroom.py (nbgrader's autograde); the
+# other chapters' in-kernel checks are proven here.
+IN_KERNEL = [ch for ch in sorted(CHAPTERS) if ch != "ch01_attention"]
+
+
+@pytest.mark.parametrize("chapter_name", IN_KERNEL)
+def test_solution_notebook_passes_its_test_cells_in_a_kernel(chapter_name, tmp_path):
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(notebook("solutions", chapter_name), as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3", allow_errors=True,
+                   resources={"metadata": {"path": str(tmp_path)}}).execute()
+    errors = [f"{c.metadata['nbgrader']['grade_id']}: {o.evalue}" for c in nb.cells if c.cell_type == "code"
+              for o in c.outputs if o.output_type == "error"]
+    assert not errors
+    printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    for task in CHAPTERS[chapter_name]:
+        assert f"Task {task.id}: all" in printed and f"({task.max_score}/{task.max_score} points)" in printed

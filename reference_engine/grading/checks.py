@@ -57,6 +57,11 @@ def compare(task: Task, case: Case, record: dict) -> str | None:
     if record["error"]:
         return f"raised {record['error']} ({case.note})"
     out = record["output"]
+    if case.judge is not None:
+        if not isinstance(out, torch.Tensor):
+            return f"returned {out if isinstance(out, str) else type(out).__name__}, not a torch.Tensor ({case.note})"
+        problem = case.judge(out, *case.args, **case.kwargs)
+        return None if problem is None else f"{problem} ({case.note})"
     expected = task.reference(*[a.double() if is_float(a) else a for a in case.args], **case.kwargs)
     if case.output is not None:  # one element of a tuple result
         if not (isinstance(out, list) and len(out) == len(expected)):
