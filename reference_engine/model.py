@@ -13,6 +13,8 @@ The math is unchanged: a stacked matmul is the same dot products, done in one ca
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -182,14 +184,14 @@ class Transformer(nn.Module):
     def make_position_tables(self) -> None:
         """(Re)build the fixed tables the config asks for: the sinusoid added to the
         embeddings, or RoPE's cos/sin. Not saved in the state dict: they follow the config."""
-        c = self.config
+        c, device = self.config, self.tok_embeddings.weight.device
         if c.pos_encoding == "sinusoidal":
-            self.register_buffer("pos_table", sinusoidal_table(c.max_seq_len, c.d_model), persistent=False)
+            self.register_buffer("pos_table", sinusoidal_table(c.max_seq_len, c.d_model).to(device), persistent=False)
         elif c.pos_encoding == "rope":
             cos, sin = rope_tables(c.head_dim, c.max_seq_len, c.rope_base, c.rope_layout,
                                    c.rope_scaling, c.rope_scaling_factor)
-            self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, head_dim)
-            self.register_buffer("rope_sin", sin, persistent=False)
+            self.register_buffer("rope_cos", cos.to(device), persistent=False)  # (max_seq_len, head_dim)
+            self.register_buffer("rope_sin", sin.to(device), persistent=False)
 
     def pack_for_cpu(self) -> bool:
         """Give every matmul a oneDNN-blocked copy of its weight for fast small-batch
@@ -204,6 +206,21 @@ class Transformer(nn.Module):
         if self.config.tie_embeddings:
             self.tied_head_packed = PackedWeight(head)
         return True
+
+    def set_rope(self, **changes) -> None:
+        """Change how RoPE is applied, weights untouched: any of rope_layout, rope_scaling,
+        rope_scaling_factor, rope_base, max_seq_len. Example, to read 4x past the trained
+        length: model.set_rope(rope_scaling="ntk", rope_scaling_factor=4.0, max_seq_len=32768).
+        subtle: rope_layout must match the order of the Q/K rows; changing it alone is the
+        classic loader bug (it still runs, as a worse model)."""
+        allowed = {"rope_layout", "rope_scaling", "rope_scaling_factor", "rope_base", "max_seq_len"}
+        if self.config.pos_encoding != "rope" or not set(changes) <= allowed:
+            raise DojoError(f"set_rope changes {sorted(allowed)} of a RoPE model; got {sorted(changes)} "
+                            f"for pos_encoding={self.config.pos_encoding!r}")
+        self.config = replace(self.config, **changes)
+        self.make_position_tables()
+        for layer in self.layers:
+            layer.attn.rope_layout = self.config.rope_layout
 
     def set_attention(self, impl) -> None:
         """Switch every layer's attention: a name from `attention.ATTENTION_IMPLS` ("sdpa",

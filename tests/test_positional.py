@@ -162,3 +162,15 @@ def test_positions_change_the_output_of_every_encoding(any_tiny):
     swapped = ids.clone()
     swapped[0, [2, 5]] = ids[0, [5, 2]]
     assert (any_tiny(ids)[0, -1] - any_tiny(swapped)[0, -1]).abs().max() > 1e-6
+
+
+def test_set_rope_rebuilds_the_tables_and_rejects_other_fields(tiny):
+    ids = torch.randint(0, 300, (1, 12))
+    before = tiny(ids)
+    tiny.set_rope(rope_scaling="linear", rope_scaling_factor=2.0)
+    cos, _ = rope_tables(tiny.config.head_dim, tiny.config.max_seq_len, tiny.config.rope_base,
+                         scaling="linear", factor=2.0)
+    torch.testing.assert_close(tiny.rope_cos, cos)
+    assert (tiny(ids) - before).abs().max() > 1e-4
+    with pytest.raises(DojoError, match="set_rope"):
+        tiny.set_rope(n_heads=2)

@@ -57,8 +57,6 @@ def test_every_attention_implementation_gives_the_same_logits(smollm):
 def test_both_rope_layouts_give_the_same_logits_and_a_mixed_up_one_does_not(smollm):
     """The file's adjacent-pair rows with adjacent RoPE == un-permuted rows with half-split
     RoPE. The file's rows rotated half-split (the classic loader bug): another model."""
-    from dataclasses import replace
-
     from reference_engine import load_model
 
     model, tokenizer = smollm
@@ -67,10 +65,7 @@ def test_both_rope_layouts_give_the_same_logits_and_a_mixed_up_one_does_not(smol
     with torch.inference_mode():
         expected = model(ids)
         torch.testing.assert_close(adjacent(ids), expected, rtol=0, atol=1e-3)
-        adjacent.config = replace(adjacent.config, rope_layout="half")
-        adjacent.make_position_tables()
-        for layer in adjacent.layers:
-            layer.attn.rope_layout = "half"
+        adjacent.set_rope(rope_layout="half")
         assert (adjacent(ids) - expected).abs().max() > 1.0
 
 
