@@ -125,17 +125,26 @@ def lesson_title(notebook) -> str:
     return first.source.splitlines()[0].lstrip("# ").strip()
 
 
-def build(out: Path, run: bool = True) -> list[Path]:
+def read_lessons() -> dict:
+    """{stem: notebook} for every lesson, in chapter order, as committed (no outputs)."""
     import nbformat
 
+    return {p.stem: nbformat.read(p, as_version=4) for p in sorted((ROOT / "lessons").glob("*.ipynb"))}
+
+
+def build(out: Path, run: bool = True, notebooks: dict | None = None) -> list[Path]:
+    """Write the book into `out`. notebooks: lessons already executed (as `read_lessons`
+    returns them, then run), rendered as they are; by default each lesson is read and,
+    with `run`, executed here."""
     out.mkdir(parents=True, exist_ok=True)
-    lessons = sorted((ROOT / "lessons").glob("*.ipynb"))
-    notebooks = {p.stem: nbformat.read(p, as_version=4) for p in lessons}
+    if notebooks is None:
+        notebooks = read_lessons()
+        if run:
+            for nb in notebooks.values():
+                execute(nb)
     chapters = [(stem, lesson_title(nb)) for stem, nb in notebooks.items()]
     written = []
     for stem, nb in notebooks.items():
-        if run:
-            execute(nb)
         parts = []
         for cell in nb.cells:
             if cell.cell_type == "markdown":

@@ -94,3 +94,25 @@ def hf_model():
     logging.set_verbosity_error()
     folder, name = _smollm_dir_and_file()
     return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def executed_lessons(tmp_path_factory):
+    """Every lesson executed once per session, in a scratch directory:
+    {stem: (notebook with outputs, seconds it took)}. test_lessons checks them and
+    test_book renders them, so CI runs each lesson once."""
+    import time
+
+    from nbclient import NotebookClient
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "book"))
+    import build  # book/build.py
+
+    executed = {}
+    for stem, nb in build.read_lessons().items():
+        assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), f"{stem}: commit lessons without outputs"
+        started = time.perf_counter()
+        NotebookClient(nb, timeout=300, kernel_name="python3", allow_errors=True,
+                       resources={"metadata": {"path": str(tmp_path_factory.mktemp(stem))}}).execute()
+        executed[stem] = (nb, time.perf_counter() - started)
+    return executed
