@@ -36,6 +36,8 @@ class ModelConfig:
     mlp: str = "swiglu"  # "swiglu": down(silu(gate(x)) * up(x)); "gelu": down(gelu(up(x)))
     bias: bool = False  # biases on the linear layers (GPT-2 has them, Llama does not)
     tie_embeddings: bool = True  # LM head reuses the token embedding matrix
+    kv_cache: str = "static"  # "static" (preallocated, batch x max_seq_len) or "paged" (blocks taken as needed)
+    kv_block_size: int = 16  # slots per block of the paged cache
     attn_impl: str = "sdpa"  # "sdpa" (PyTorch's fused kernel), "math" (the formula), "tiled" (online softmax)
 
     def __post_init__(self):
@@ -55,6 +57,9 @@ class ModelConfig:
             raise DojoError(f"mlp must be 'swiglu' or 'gelu', got {self.mlp!r}")
         if self.attn_impl not in ("sdpa", "math", "tiled"):
             raise DojoError(f"attn_impl must be 'sdpa', 'math' or 'tiled', got {self.attn_impl!r}")
+        if self.kv_cache not in ("static", "paged") or self.kv_block_size < 1:
+            raise DojoError(f"kv_cache must be 'static' or 'paged' with kv_block_size >= 1, got "
+                            f"{self.kv_cache!r} and {self.kv_block_size}")
         if self.n_heads % self.n_kv_heads != 0:
             raise DojoError(
                 f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"

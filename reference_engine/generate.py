@@ -48,6 +48,14 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's repetition penalty on logits (B, V) for the tokens marked in seen (B, V) bool:
+    a positive logit is divided by the penalty, a negative one multiplied, so either way
+    the token becomes less likely (penalty > 1). Example: penalty 2: 2.0 -> 1.0, -2.0 -> -4.0."""
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
            generator: torch.Generator | None = None) -> torch.Tensor:
     """Next token per row from logits (B, V). temperature 0 is greedy (argmax). Returns (B,)."""
@@ -58,7 +66,10 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def check_sampling_args(temperature: float, top_k: int, top_p: float) -> None:
+def check_sampling_args(temperature: float, top_k: int, top_p: float, repetition_penalty: float = 1.0) -> None:
+    if not repetition_penalty > 0.0:
+        raise DojoError(f"repetition_penalty must be > 0 (1 disables it, above 1 discourages repeats), "
+                        f"got {repetition_penalty}")
     if not temperature >= 0.0:  # also rejects NaN
         raise DojoError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
     if top_k < 0:
@@ -121,14 +132,15 @@ def pad_left(prompts: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, t
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int = 64,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              stop_ids: Iterable[int] = (), seed: int | None = None,
-             on_token: Callable[[int, int], None] | None = None) -> Generation:
+             on_token: Callable[[int, int], None] | None = None, repetition_penalty: float = 1.0) -> Generation:
     """Generate for a batch of prompts (lists of token ids, any lengths); each row stops on
     its own at a stop token or after max_new_tokens.
 
     on_token(row, token_id) is called for every generated token as soon as it is sampled
-    (stop tokens included), which is how the CLI streams text.
+    (stop tokens included), which is how the CLI streams text. repetition_penalty > 1
+    discourages every token already in the row's prompt or output (`apply_repetition_penalty`).
     """
-    check_sampling_args(temperature, top_k, top_p)
+    check_sampling_args(temperature, top_k, top_p, repetition_penalty)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise DojoError("empty prompt: give at least one token (an empty string encodes to nothing)")
     if max_new_tokens < 1:
@@ -153,11 +165,22 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
     out = Generation(tokens=[[] for _ in range(B)], finish_reasons=["length"] * B,
                      prompt_tokens=sum(len(p) for p in prompts))
     done = torch.zeros(B, dtype=torch.bool)
+    seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool)  # tokens each row has seen
+    for row, p in enumerate(prompts):
+        seen[row, p] = True
+
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        if repetition_penalty != 1.0:
+            logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+        token = sample(logits, temperature, top_k, top_p, generator)
+        seen[torch.arange(B), token] = True
+        return token
+
     model.setup_cache(B, total_len)
     try:
         t0 = time.perf_counter()
         logits = prefill(model, ids, positions, key_valid if padded else None)
-        token = sample(logits, temperature, top_k, top_p, generator)
+        token = pick(logits)
         out.prefill_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         for step in range(max_new_tokens):
@@ -177,7 +200,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
             if bool(done.all()):
                 break
             logits = decode_one_token(model, token, longest + step, next_pos[:, None], key_valid if padded else None)
-            token = sample(logits, temperature, top_k, top_p, generator)
+            token = pick(logits)
             next_pos += 1
             out.decode_steps += 1
         out.decode_s = time.perf_counter() - t1

@@ -1,17 +1,28 @@
-"""Static, preallocated KV cache.
+"""KV caches: the static, preallocated one, and a paged one (fixed-size blocks, as in vLLM).
 
 Decoding one token needs the keys and values of every earlier token. Recomputing them
 costs a full forward over the prefix per step (quadratic work); caching them makes each
 step cost one token's worth of matmuls plus one read of the cache.
 
-The cache is allocated once, at its full size, so decoding never reallocates or copies:
-`update` writes new rows in place and returns views of the filled prefix.
+Both caches have the same interface, so the model uses either (`Transformer.setup_cache`):
+    update(start, k, v) -> (keys, values) of slots [0, start + T), shape (B, KV, start+T, D)
+    reorder(rows)       -> keep/duplicate batch rows (beam search)
+
+  - `KVCache` allocates batch x max_seq_len slots up front: decoding never reallocates,
+    and `update` returns views. Memory is reserved for the longest possible sequence.
+  - `PagedKVCache` stores keys and values in a pool of blocks of `block_size` slots; each
+    sequence owns a list of blocks (its block table), taken from a free list as it grows.
+    Memory follows the tokens actually written, in steps of one block, and sequences of
+    very different lengths share one pool. A paged-attention kernel reads the blocks in
+    place; this readable version gathers them into one tensor per step, which costs a copy.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from .errors import DojoError
 
 
 class KVCache(nn.Module):
@@ -33,12 +44,110 @@ class KVCache(nn.Module):
         return self.k_cache.shape[2]
 
     def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v of shape (B, n_kv_heads, T, D) into slots [start, start+T).
+        """Write k, v of shape (B, n_kv_heads, T, D) into slots [start, start+T) of the first
+        B rows (B may be smaller than the cache's batch: beam search prefills one row).
 
         Returns the keys and values of slots [0, start+T), shape (B, n_kv_heads, start+T, D):
         views into the cache, no copy.
         """
-        end = start + k.shape[2]
-        self.k_cache[:, :, start:end] = k
-        self.v_cache[:, :, start:end] = v
-        return self.k_cache[:, :, :end], self.v_cache[:, :, :end]
+        B, end = k.shape[0], start + k.shape[2]
+        self.k_cache[:B, :, start:end] = k
+        self.v_cache[:B, :, start:end] = v
+        return self.k_cache[:B, :, :end], self.v_cache[:B, :, :end]
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Batch row i becomes old row rows[i] (rows may repeat: beam search copies beams)."""
+        self.k_cache = self.k_cache.index_select(0, rows)
+        self.v_cache = self.v_cache.index_select(0, rows)
+
+
+class BlockAllocator:
+    """Hands out fixed-size blocks of a shared pool and keeps each sequence's block table.
+
+    Example (block_size 4, 3 blocks): a sequence growing to 6 tokens holds 2 blocks, e.g.
+    table [0, 1]; slot 5 lives in block 1 at offset 1. Freeing the sequence returns both.
+    """
+
+    def __init__(self, n_blocks: int, block_size: int, n_sequences: int):
+        self.block_size = block_size
+        self.free = list(range(n_blocks - 1, -1, -1))  # a stack: the lowest id is handed out first
+        self.tables: list[list[int]] = [[] for _ in range(n_sequences)]
+
+    def ensure(self, seq: int, n_slots: int) -> None:
+        """Give sequence `seq` enough blocks to hold n_slots slots (ceil(n_slots / block_size))."""
+        table = self.tables[seq]
+        needed = -(-n_slots // self.block_size) - len(table)
+        if needed > len(self.free):
+            raise DojoError(f"the paged KV cache is full: sequence {seq} needs {needed} more block(s) of "
+                            f"{self.block_size} slots and {len(self.free)} are free; set up the cache with "
+                            "more blocks (or a shorter max_seq_len)")
+        for _ in range(needed):
+            table.append(self.free.pop())
+
+    def release(self, seq: int) -> None:
+        self.free.extend(reversed(self.tables[seq]))
+        self.tables[seq] = []
+
+    def locate(self, seq: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block id, offset in block) of each slot of sequence `seq`."""
+        table = torch.tensor(self.tables[seq], dtype=torch.long)
+        return table[slots // self.block_size], slots % self.block_size
+
+    def reorder(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """New sequence i is a copy of old sequence rows[i] (beam search). Returns the block
+        ids to copy from and to, for every layer's `PagedKVCache.copy_blocks`."""
+        old = [list(t) for t in self.tables]
+        src = [block for r in rows for block in old[r]]
+        for seq in range(len(old)):
+            self.release(seq)
+        self.tables = [[] for _ in rows]
+        for seq, r in enumerate(rows):
+            self.ensure(seq, len(old[r]) * self.block_size)
+        dst = [block for table in self.tables for block in table]
+        return torch.tensor(src, dtype=torch.long), torch.tensor(dst, dtype=torch.long)
+
+    @property
+    def blocks_in_use(self) -> int:
+        return sum(len(t) for t in self.tables)
+
+
+class PagedKVCache(nn.Module):
+    """Keys and values of one attention layer in a pool of blocks:
+    pool shape (n_blocks, n_kv_heads, block_size, head_dim). The block tables live in a
+    `BlockAllocator` shared by every layer (they all hold the same slots)."""
+
+    def __init__(self, allocator: BlockAllocator, n_blocks: int, n_kv_heads: int, head_dim: int,
+                 max_seq_len: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        super().__init__()
+        self.allocator = allocator
+        self.max_seq_len = max_seq_len
+        shape = (n_blocks, n_kv_heads, allocator.block_size, head_dim)
+        self.register_buffer("k_pool", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_pool", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Same contract as `KVCache.update`; the returned tensors are gathered copies."""
+        B, KV, T, D = k.shape
+        end = start + T
+        slots = torch.arange(start, end)
+        keys, values = [], []
+        for b in range(B):
+            self.allocator.ensure(b, end)  # a no-op in every layer after the first
+            block, offset = self.allocator.locate(b, slots)
+            self.k_pool[block, :, offset] = k[b].transpose(0, 1)  # (T, KV, D) into T (block, offset) cells
+            self.v_pool[block, :, offset] = v[b].transpose(0, 1)
+            table = torch.tensor(self.allocator.tables[b], dtype=torch.long)
+            keys.append(self._gather(self.k_pool, table, end))
+            values.append(self._gather(self.v_pool, table, end))
+        return torch.stack(keys), torch.stack(values)  # (B, KV, end, D)
+
+    @staticmethod
+    def _gather(pool: torch.Tensor, table: torch.Tensor, end: int) -> torch.Tensor:
+        blocks = pool[table]  # (n, KV, block_size, D)
+        n, KV, S, D = blocks.shape
+        return blocks.transpose(0, 1).reshape(KV, n * S, D)[:, :end]  # (KV, end, D)
+
+    def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """pool[dst] = pool[src]: the data movement of `BlockAllocator.reorder`."""
+        self.k_pool[dst] = self.k_pool[src]  # the right side is gathered first, so overlap is safe
+        self.v_pool[dst] = self.v_pool[src]

@@ -19,7 +19,8 @@ from .tokenizer import Tokenizer
 
 # Config fields a caller may change at load time: how positions are encoded and attention
 # computed. Everything else is a fact of the file (changing it would not fit the weights).
-LOAD_OVERRIDES = ("attn_impl", "max_seq_len", "rope_base", "rope_layout", "rope_scaling", "rope_scaling_factor")
+LOAD_OVERRIDES = ("attn_impl", "kv_cache", "kv_block_size", "max_seq_len", "rope_base", "rope_layout", "rope_scaling",
+                  "rope_scaling_factor")
 
 
 def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,

@@ -23,7 +23,7 @@ from . import cpu_kernels
 from .attention import ATTENTION_IMPLS
 from .config import ModelConfig
 from .errors import DojoError
-from .kv_cache import KVCache
+from .kv_cache import BlockAllocator, KVCache, PagedKVCache
 from .positional import alibi_bias, apply_rope, rope_tables, sinusoidal_table
 
 
@@ -107,7 +107,7 @@ class Attention(nn.Module):
         self.wqkv = Linear(config.d_model, qkv_rows, bias=config.bias)  # rows: [Q; K; V]
         self.wo = Linear(config.n_heads * config.head_dim, config.d_model, bias=config.bias)
         self.rope_layout = config.rope_layout if config.pos_encoding == "rope" else None
-        self.kv_cache: KVCache | None = None
+        self.kv_cache: KVCache | PagedKVCache | None = None
         self.attend = ATTENTION_IMPLS[config.attn_impl]  # (q, k, v, mask, is_causal) -> (B, H, T, D)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
@@ -237,12 +237,33 @@ class Transformer(nn.Module):
     # -- cache management -------------------------------------------------------------
 
     def setup_cache(self, batch_size: int, max_seq_len: int | None = None) -> None:
-        """Allocate a fresh static KV cache in every layer (zeros, max_seq_len slots)."""
-        max_seq_len = max_seq_len or self.config.max_seq_len
+        """A fresh KV cache in every layer for up to max_seq_len slots, of the kind the config
+        names: "static" (allocated whole now) or "paged" (a pool of blocks with room for the
+        same number of slots, handed to each sequence as it grows)."""
+        c = self.config
+        max_seq_len = max_seq_len or c.max_seq_len
         p = self.tok_embeddings.weight
+        if c.kv_cache == "paged":
+            n_blocks = batch_size * -(-max_seq_len // c.kv_block_size)
+            allocator = BlockAllocator(n_blocks, c.kv_block_size, batch_size)  # one table for all layers
+            for layer in self.layers:
+                layer.attn.kv_cache = PagedKVCache(allocator, n_blocks, c.n_kv_heads, c.head_dim, max_seq_len,
+                                                   dtype=p.dtype, device=p.device)
+            return
         for layer in self.layers:
-            layer.attn.kv_cache = KVCache(batch_size, self.config.n_kv_heads, max_seq_len,
-                                          self.config.head_dim, dtype=p.dtype, device=p.device)
+            layer.attn.kv_cache = KVCache(batch_size, c.n_kv_heads, max_seq_len, c.head_dim,
+                                          dtype=p.dtype, device=p.device)
+
+    def reorder_cache(self, rows: torch.Tensor) -> None:
+        """Batch row i of the cache becomes a copy of old row rows[i] (beam search)."""
+        first = self.layers[0].attn.kv_cache
+        if isinstance(first, PagedKVCache):
+            src, dst = first.allocator.reorder(rows.tolist())
+            for layer in self.layers:
+                layer.attn.kv_cache.copy_blocks(src, dst)
+        else:
+            for layer in self.layers:
+                layer.attn.kv_cache.reorder(rows)
 
     def clear_cache(self) -> None:
         for layer in self.layers:
@@ -256,13 +277,16 @@ class Transformer(nn.Module):
     # -- forward ------------------------------------------------------------------------
 
     def forward(self, input_ids: torch.Tensor, start: int = 0, positions: torch.Tensor | None = None,
-                key_valid: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+                key_valid: torch.Tensor | None = None, last_only: bool = False,
+                exit_layer: int | None = None) -> torch.Tensor:
         """input_ids: (B, T) LongTensor, fed into cache slots [start, start+T).
 
         positions: (B, T) position of each token (default start..start+T-1); left-padded
             batches pass their own so that padding does not shift the positions.
         key_valid: (B, start+T) bool, False for padding slots that no query may attend to.
         last_only: compute logits for the last token only (what generation needs).
+        exit_layer: run only the first exit_layer blocks, then the final norm and head: a
+            cheap draft of the full model for speculative decoding.
         Returns float32 logits (B, T, vocab), or (B, 1, vocab) with last_only.
         """
         B, T = input_ids.shape
@@ -281,7 +305,7 @@ class Transformer(nn.Module):
         mask = self._attention_mask(T, start, key_valid, x.device)
         if self.config.pos_encoding == "alibi":
             mask = self._alibi_mask(T, start, mask, x.dtype)
-        for layer in self.layers:
+        for layer in self.layers if exit_layer is None else self.layers[:exit_layer]:
             x = layer(x, rope, start, mask)
         if last_only:
             x = x[:, -1:]

@@ -1,5 +1,7 @@
 """The engine on the real SmolLM2-135M-Instruct file."""
 
+from dataclasses import replace
+
 import torch
 
 from reference_engine.cli import stop_ids
@@ -91,3 +93,32 @@ def test_perplexity_on_real_text_is_that_of_a_working_model(smollm):
     ppl = perplexity(model, tokenizer, max_windows=2)
     # A uniform guess scores 49152; broken RoPE layouts or norms land in the hundreds.
     assert 3 < ppl < 25, ppl
+
+
+def test_speculative_decoding_reproduces_greedy_chat(smollm):
+    """Greedy output is the same token for token, with either draft; the figures that make
+    it worthwhile (acceptance, speed) are the lesson's and the benchmark's business."""
+    from reference_engine.decoding import speculative_generate
+
+    model, tokenizer = smollm
+    ids = chat_ids(tokenizer, "List the days of the week.")
+    expected = generate(model, [ids], max_new_tokens=24).tokens[0]
+    for draft in ("layers", "lookup"):
+        result = speculative_generate(model, ids, max_new_tokens=24, k=4, draft=draft, draft_layers=10)
+        assert result.tokens == expected, draft
+        assert result.target_forwards < 24, f"{draft}: no draft token was ever accepted"
+
+
+def test_beam_search_and_the_paged_cache_on_the_real_model(smollm):
+    from reference_engine.decoding import beam_search
+
+    model, tokenizer = smollm
+    ids = chat_ids(tokenizer, "What is the capital of France?")
+    best = beam_search(model, ids, beam_width=3, max_new_tokens=12, stop_ids=stop_ids(tokenizer))[0]
+    assert "Paris" in tokenizer.decode(best.tokens)
+    greedy = generate(model, [ids], max_new_tokens=12).tokens
+    model.config = replace(model.config, kv_cache="paged", kv_block_size=16)
+    try:
+        assert generate(model, [ids], max_new_tokens=12).tokens == greedy
+    finally:
+        model.config = replace(model.config, kv_cache="static")

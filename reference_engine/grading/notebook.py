@@ -16,6 +16,7 @@ import contextlib
 import os
 import sys
 import warnings
+from dataclasses import replace
 
 from . import checks, observe
 from .grader import build_cases, build_job
@@ -41,6 +42,8 @@ def quiet_stderr():
 def run_checks(task_id: str, fn, hidden: bool = False) -> list[checks.CheckResult]:
     load_chapters()
     task = TASKS[task_id]
+    if hidden:  # unseen inputs for the value checks; speed and memory were measured by the visible call
+        task = replace(task, speed=None, memory=None)
     cases = build_cases(task, task.hidden_seeds if hidden else task.seeds)
     job = build_job(task, [], cases)
     baseline = None
