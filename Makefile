@@ -10,8 +10,11 @@ setup:
 demo: setup
 	$(PY) -m reference_engine demo
 
+# Two passes: the tests whose pass or fail is a speed decision run alone, then the rest on
+# two workers (`pytest` with no options runs everything in one process).
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest -m serial
+	$(PY) -m pytest -m "not serial" -n 2 --dist loadgroup
 
 bench: setup
 	$(PY) -m reference_engine bench

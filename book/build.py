@@ -136,14 +136,25 @@ def build(out: Path, run: bool = True, notebooks: dict | None = None) -> list[Pa
     """Write the book into `out`. notebooks: lessons already executed (as `read_lessons`
     returns them, then run), rendered as they are; by default each lesson is read and,
     with `run`, executed here."""
+    import yaml
+
     out.mkdir(parents=True, exist_ok=True)
     if notebooks is None:
         notebooks = read_lessons()
         if run:
             for nb in notebooks.values():
                 execute(nb)
-    chapters = [(stem, lesson_title(nb)) for stem, nb in notebooks.items()]
+    # a chapter whose question bank is written before its lesson gets a page of questions
+    banks_only = {p.stem: yaml.safe_load(p.read_text())["title"] for p in sorted((ROOT / "book" / "questions").glob("*.yaml"))
+                  if p.stem not in notebooks}
+    chapters = sorted([(stem, lesson_title(nb)) for stem, nb in notebooks.items()] +
+                      [(stem, f"Chapter {int(stem[:2])} — {title} (questions)") for stem, title in banks_only.items()])
     written = []
+    for stem, title in banks_only.items():
+        target = out / f"{stem}.html"
+        heading = f"<h1>Chapter {int(stem[:2])} — {html.escape(title)}</h1>"
+        target.write_text(page(title, heading + render_questions(stem), chapters), encoding="utf-8")
+        written.append(target)
     for stem, nb in notebooks.items():
         parts = []
         for cell in nb.cells:

@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--top-k", type=int, default=0, metavar="K", help="0 = off (default)")
         p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="1 = off (default)")
         p.add_argument("--seed", type=int, default=None, help="seed for sampling")
+        p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
+                       help="above 1 discourages tokens already seen (default 1 = off)")
         return p
 
     g = with_sampling(with_model(sub.add_parser("generate", help="continue a prompt, streaming the text")))
@@ -63,6 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     mk = sub.add_parser("make-exercises", help="generate exercises/ from solutions/ with nbgrader")
     mk.add_argument("--solutions", default="solutions")
     mk.add_argument("--exercises", default="exercises")
+    sp = with_model(sub.add_parser("speculate", help="greedy speculative decoding against plain greedy "
+                                                     "decoding: same output, acceptance, speed"))
+    sp.add_argument("prompt", help="the prompt text (wrapped in the chat template)")
+    sp.add_argument("--draft", choices=["lookup", "layers"], default="lookup",
+                    help="prompt lookup (default) or the model's own first blocks")
+    sp.add_argument("--draft-layers", type=int, default=8, metavar="N", help="blocks in the 'layers' draft")
+    sp.add_argument("--k", type=int, default=4, help="draft tokens per verification (default 4)")
+    sp.add_argument("--max-new-tokens", type=int, default=128, metavar="N")
     sub.add_parser("build-kernels", help="build the optional compiled CPU kernel for decoding (once per machine)")
     return parser
 
@@ -112,7 +122,8 @@ def stream_reply(model, tokenizer, prompt_ids: list[int], args, out=sys.stdout):
             out.flush()
 
     result = generate(model, [prompt_ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                      top_k=args.top_k, top_p=args.top_p, stop_ids=stops, seed=args.seed, on_token=on_token)
+                      top_k=args.top_k, top_p=args.top_p, stop_ids=stops, seed=args.seed, on_token=on_token,
+                      repetition_penalty=args.repetition_penalty)
     out.write(decoder.flush() + "\n")
     return result
 
@@ -127,7 +138,7 @@ def cmd_generate(args) -> int:
     from .generate import check_sampling_args
 
     check_prompt(args.prompt)
-    check_sampling_args(args.temperature, args.top_k, args.top_p)  # before the slow load
+    check_sampling_args(args.temperature, args.top_k, args.top_p, args.repetition_penalty)  # before the slow load
     model, tokenizer, _ = load(args)
     text = args.prompt
     if args.chat:
@@ -143,7 +154,7 @@ def cmd_generate(args) -> int:
 def cmd_chat(args) -> int:
     from .generate import check_sampling_args
 
-    check_sampling_args(args.temperature, args.top_k, args.top_p)
+    check_sampling_args(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
     model, tokenizer, _ = load(args)
     messages = []
     print("Chatting with the model. An empty line or Ctrl-D ends the chat.", file=sys.stderr)
@@ -253,6 +264,33 @@ def cmd_make_exercises(args) -> int:
     return 0
 
 
+def cmd_speculate(args) -> int:
+    from .decoding import speculative_generate
+    from .generate import generate
+
+    check_prompt(args.prompt)
+    model, tokenizer, _ = load(args)
+    ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}]))
+    stops = stop_ids(tokenizer)
+    t0 = time.perf_counter()
+    plain = generate(model, [ids], max_new_tokens=args.max_new_tokens, stop_ids=stops).tokens[0]
+    t1 = time.perf_counter()
+    spec = speculative_generate(model, ids, max_new_tokens=args.max_new_tokens, k=args.k, draft=args.draft,
+                                draft_layers=args.draft_layers, stop_ids=stops)
+    t2 = time.perf_counter()
+    print(tokenizer.decode(spec.tokens))
+    plain_rate, spec_rate = len(plain) / (t1 - t0), len(spec.tokens) / (t2 - t1)
+    rows = [("output", "identical to greedy" if spec.tokens == plain else "DIFFERS from greedy"),
+            ("draft", f"{args.draft}" + (f" (first {args.draft_layers} blocks)" if args.draft == "layers" else "")),
+            ("draft tokens accepted", f"{spec.accepted} of {spec.proposed} ({spec.acceptance_rate:.0%})"),
+            ("tokens per verification", f"{len(spec.tokens) / max(spec.target_forwards, 1):.2f}"),
+            ("plain greedy", f"{plain_rate:.1f} tokens/s"),
+            ("speculative", f"{spec_rate:.1f} tokens/s ({spec_rate / plain_rate:.2f}x, measured in this run)")]
+    for name, value in rows:
+        print(f"  {name:26s} {value}")
+    return 0
+
+
 def cmd_build_kernels(args) -> int:
     from . import cpu_kernels
 
@@ -262,4 +300,4 @@ def cmd_build_kernels(args) -> int:
 
 
 COMMANDS = {"build-kernels": cmd_build_kernels, "grade": cmd_grade, "grade-class": cmd_grade_class, "make-exercises": cmd_make_exercises, "progress": cmd_progress, "generate": cmd_generate, "chat": cmd_chat, "demo": cmd_demo, "perplexity": cmd_perplexity,
-            "bench": cmd_bench}
+            "bench": cmd_bench, "speculate": cmd_speculate}

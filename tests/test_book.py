@@ -14,6 +14,9 @@ sys.path.insert(0, str(ROOT / "book"))
 
 import build  # noqa: E402  (book/build.py)
 
+# one worker executes the lessons once for both modules (conftest.executed_lessons)
+pytestmark = pytest.mark.xdist_group("lessons")
+
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
@@ -36,6 +39,17 @@ def test_every_lesson_is_a_self_contained_page(book):
         assert page.count("<math") >= 10, stem
         questions = re.findall(r'<details class="question"[^>]*>', page)
         assert len(questions) >= 15 and not any("open" in q for q in questions), stem
+
+
+def test_a_question_bank_without_its_lesson_still_gets_a_page(book):
+    lessons = {p.stem for p in (ROOT / "lessons").glob("*.ipynb")}
+    index = (book / "index.html").read_text()
+    for bank in (ROOT / "book" / "questions").glob("*.yaml"):
+        page = (book / f"{bank.stem}.html").read_text()
+        assert f'href="{bank.stem}.html"' in index
+        assert len(re.findall(r'<details class="question"[^>]*>', page)) >= 15
+        if bank.stem not in lessons:
+            assert "(questions)" in index
 
 
 def test_math_converts_to_mathml_and_code_is_left_alone():

@@ -46,9 +46,22 @@ def test_generate_streams_text(tiny_file):
     (["--top-p", "0"], ["top-p must be in (0, 1]"]),
     (["--temperature", "-1"], ["temperature must be >= 0"]),
     (["--top-k", "-3"], ["top-k must be >= 0"]),
+    (["--repetition-penalty", "0"], ["repetition_penalty must be > 0"]),
 ])
 def test_bad_sampling_options(tiny_file, args, words):
     assert_clean_error(run_cli("generate", "hello", "--model", tiny_file, *args), *words)
+
+
+def test_speculate_reports_identical_output_and_acceptance(tiny_file):
+    for draft in ("lookup", "layers"):
+        result = run_cli("speculate", "the cat sat on the mat, the cat sat on the", "--model", tiny_file,
+                         "--max-new-tokens", "12", "--draft", draft, "--draft-layers", "1")
+        assert result.returncode == 0, result.stderr
+        assert "identical to greedy" in result.stdout and "draft tokens accepted" in result.stdout
+
+
+def test_speculate_bad_k(tiny_file):
+    assert_clean_error(run_cli("speculate", "hello", "--model", tiny_file, "--k", "0"), "k >= 1")
 
 
 def test_empty_prompt(tiny_file):

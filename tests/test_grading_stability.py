@@ -6,6 +6,8 @@ import pytest
 
 from reference_engine.grading.stability import stability
 
+pytestmark = pytest.mark.serial  # the decisions are measured on a machine with nothing else running
+
 
 @pytest.mark.parametrize("hog", [False, True], ids=["quiet", "with-cpu-hog"])
 def test_speed_decisions_do_not_flip(hog):

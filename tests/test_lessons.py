@@ -7,6 +7,9 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+# one worker executes the lessons once for both modules (conftest.executed_lessons)
+pytestmark = pytest.mark.xdist_group("lessons")
+
 LESSONS = sorted((Path(__file__).resolve().parents[1] / "lessons").glob("*.ipynb"))
 
 
