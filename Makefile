@@ -10,11 +10,12 @@ setup:
 demo: setup
 	$(PY) -m reference_engine demo
 
-# Two passes: the tests whose pass or fail is a speed decision run alone, then the rest on
-# two workers (`pytest` with no options runs everything in one process).
+# Two passes: the tests that time things (speed decisions, the lessons) run alone, then the
+# rest on two workers with one thread each, so that the two never fight over the 2 cores
+# (`pytest` with no options runs everything in one process).
 test: setup
 	$(PY) -m pytest -m serial
-	$(PY) -m pytest -m "not serial" -n 2 --dist loadgroup
+	OMP_NUM_THREADS=1 $(PY) -m pytest -m "not serial" -n 2
 
 bench: setup
 	$(PY) -m reference_engine bench

@@ -50,7 +50,6 @@ def smollm():
     """The real model, loaded once per test session."""
     from reference_engine import load_model
 
-    torch.set_num_threads(2)
     return load_model()
 
 

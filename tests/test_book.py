@@ -14,8 +14,9 @@ sys.path.insert(0, str(ROOT / "book"))
 
 import build  # noqa: E402  (book/build.py)
 
-# one worker executes the lessons once for both modules (conftest.executed_lessons)
-pytestmark = pytest.mark.xdist_group("lessons")
+# The lessons time things and run torch on both cores: they run alone (make test's
+# first pass), and execute once for both modules (conftest.executed_lessons).
+pytestmark = pytest.mark.serial
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]

@@ -7,8 +7,9 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-# one worker executes the lessons once for both modules (conftest.executed_lessons)
-pytestmark = pytest.mark.xdist_group("lessons")
+# The lessons time things and run torch on both cores: they run alone (make test's
+# first pass), and execute once for both modules (conftest.executed_lessons).
+pytestmark = pytest.mark.serial
 
 LESSONS = sorted((Path(__file__).resolve().parents[1] / "lessons").glob("*.ipynb"))
 
