@@ -179,8 +179,8 @@ def speculative_generate(model: Transformer, prompt: list[int], max_new_tokens: 
     context = list(prompt)
     model.setup_cache(1, total)
     try:
-        logits = prefill(model, torch.tensor([prompt[:-1]])) if len(prompt) > 1 else None  # cache all but the last
-        del logits
+        if len(prompt) > 1:
+            prefill(model, torch.tensor([prompt[:-1]]))  # cache every prompt token but the last
         while len(out.tokens) < max_new_tokens:
             slot = len(context) - 1  # the last token is not in the cache yet
             proposal, q = [], []
