@@ -184,7 +184,8 @@ def cmd_demo(args) -> int:
           f"parameters, {c.n_heads} query / {c.n_kv_heads} KV heads) in {load_s:.1f} s.\n")
     print(f"user> {args.prompt}\nmodel> ", end="", flush=True)
     ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}]))
-    sampling = argparse.Namespace(max_new_tokens=96, temperature=0.0, top_k=0, top_p=1.0, seed=None)
+    sampling = argparse.Namespace(max_new_tokens=96, temperature=0.0, top_k=0, top_p=1.0, seed=None,
+                                  repetition_penalty=1.0)
     g = stream_reply(model, tokenizer, ids, sampling)
     # A fixed-length run without stop tokens, so the decode rate covers enough steps.
     long = generate(model, [ids], max_new_tokens=64)

@@ -52,6 +52,13 @@ def test_bad_sampling_options(tiny_file, args, words):
     assert_clean_error(run_cli("generate", "hello", "--model", tiny_file, *args), *words)
 
 
+def test_demo_answers_and_prints_its_measurements(tiny_file):
+    result = run_cli("demo", "--model", tiny_file, "--prompt", "hello there")
+    assert result.returncode == 0, result.stderr
+    for row in ("load time", "prefill", "decode, batch 1", "peak memory"):
+        assert row in result.stdout, result.stdout
+
+
 def test_speculate_reports_identical_output_and_acceptance(tiny_file):
     for draft in ("lookup", "layers"):
         result = run_cli("speculate", "the cat sat on the mat, the cat sat on the", "--model", tiny_file,
