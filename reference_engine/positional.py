@@ -28,7 +28,7 @@ import torch
 # -- added to the embeddings --------------------------------------------------------------
 
 
-def sinusoidal_table(max_len: int, d_model: int, base: float = 10000.0) -> torch.Tensor:
+def sinusoidal_table(max_len: int, d_model: int, base: float = 10000.0, dtype=torch.float32) -> torch.Tensor:
     """PE[p, 2i] = sin(p / base^(2i/d)), PE[p, 2i+1] = cos(p / base^(2i/d)), shape (max_len, d).
 
     i counts feature *pairs* (0 .. d/2 - 1), so the wavelengths 2*pi*base^(2i/d) grow
@@ -38,7 +38,7 @@ def sinusoidal_table(max_len: int, d_model: int, base: float = 10000.0) -> torch
     inv_freq = base ** (-torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)  # (d/2,)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)  # (max_len, d/2)
     table = torch.stack([angles.sin(), angles.cos()], dim=-1)  # (max_len, d/2, 2): sin, cos per pair
-    return table.reshape(max_len, d_model).float()  # interleaved: sin, cos, sin, cos, ...
+    return table.reshape(max_len, d_model).to(dtype)  # interleaved: sin, cos, sin, cos, ...
 
 
 # -- rotary (RoPE) --------------------------------------------------------------------------
@@ -66,7 +66,7 @@ def rope_frequencies(head_dim: int, base: float, scaling: str = "none", factor: 
 
 
 def rope_tables(head_dim: int, max_seq_len: int, base: float, layout: str = "half",
-                scaling: str = "none", factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                scaling: str = "none", factor: float = 1.0, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of angle[p, i] = p * inv_freq[i], each shape (max_seq_len, head_dim).
 
     Each of the head_dim/2 angles appears twice, at the two features it rotates:
@@ -82,7 +82,7 @@ def rope_tables(head_dim: int, max_seq_len: int, base: float, layout: str = "hal
         angles = torch.cat([angles, angles], dim=-1)  # (S, D)
     else:
         angles = angles.repeat_interleave(2, dim=-1)  # (S, D)
-    return angles.cos().float(), angles.sin().float()
+    return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -135,8 +135,8 @@ def half_to_adjacent_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 # -- added to the scores (ALiBi) ------------------------------------------------------------
 
 
-def alibi_slopes(n_heads: int) -> torch.Tensor:
-    """Per-head slopes of ALiBi, a geometric sequence, float32 (n_heads,).
+def alibi_slopes(n_heads: int, dtype=torch.float32) -> torch.Tensor:
+    """Per-head slopes of ALiBi, a geometric sequence, shape (n_heads,).
 
     n a power of two: slope_h = 2^(-8 (h + 1) / n), h = 0 .. n-1 (n=8: 1/2, 1/4, ... 1/256).
     Otherwise (the paper's recipe): the slopes for the largest power of two m < n, then
@@ -149,11 +149,11 @@ def alibi_slopes(n_heads: int) -> torch.Tensor:
 
     m = 2 ** int(math.floor(math.log2(n_heads)))
     slopes = power_of_two(m) + power_of_two(2 * m)[0::2][: n_heads - m]
-    return torch.tensor(slopes, dtype=torch.float32)
+    return torch.tensor(slopes, dtype=dtype)
 
 
-def alibi_bias(n_heads: int, q_len: int, kv_len: int, device=None) -> torch.Tensor:
-    """Additive attention bias (n_heads, q_len, kv_len), float32:
+def alibi_bias(n_heads: int, q_len: int, kv_len: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Additive attention bias (n_heads, q_len, kv_len):
     bias[h, i, j] = -slope_h * (i + kv_len - q_len - j) where key j is at or before query i,
     -inf after it (the causal mask). Queries are the last q_len of the kv_len positions.
     Example: 1 head (slope 1/256), q_len=2, kv_len=3 ->
@@ -161,7 +161,7 @@ def alibi_bias(n_heads: int, q_len: int, kv_len: int, device=None) -> torch.Tens
          [-2/256, -1/256,    0]]
     """
     q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]  # (q_len, 1)
-    distance = (q_pos - torch.arange(kv_len, device=device)[None, :]).float()  # (q_len, kv_len)
-    slopes = alibi_slopes(n_heads).to(device)[:, None, None]  # (H, 1, 1)
+    distance = (q_pos - torch.arange(kv_len, device=device)[None, :]).to(dtype)  # (q_len, kv_len)
+    slopes = alibi_slopes(n_heads, dtype).to(device)[:, None, None]  # (H, 1, 1)
     bias = -slopes * distance  # (H, q_len, kv_len)
     return bias.masked_fill(distance < 0, float("-inf"))

@@ -6,9 +6,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # tiny_gguf helpers
 
-from tiny_gguf import tiny_llama  # noqa: E402
-
-from reference_engine import ModelConfig, Transformer  # noqa: E402
+from tiny_gguf import random_model, tiny_llama  # noqa: E402
 
 
 def pytest_addoption(parser):
@@ -34,15 +32,8 @@ def tiny():
 
 @pytest.fixture(params=["tiny", "tiny-mha", "tiny-gpt2", "tiny-alibi", "tiny-sinusoidal"])
 def any_tiny(request):
-    """Every architecture family and positional encoding, float64 so that equality checks are not at the mercy of
-    float32 rounding in differently shaped matmuls."""
-    torch.manual_seed(1)
-    model = Transformer(ModelConfig.from_name(request.param)).double().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 2:
-                p.normal_(0.0, 0.5 if "embeddings" in name else p.shape[-1] ** -0.5)
-    return model
+    """Every architecture family and positional encoding (`random_model`: float64)."""
+    return random_model(request.param, seed=1)
 
 
 @pytest.fixture(scope="session")

@@ -3,8 +3,8 @@ against an implementation that recomputes everything from scratch."""
 
 import pytest
 import torch
+from tiny_gguf import random_model as tiny_random_model
 
-from reference_engine import ModelConfig, Transformer
 from reference_engine.decoding import (
     accept_or_resample, beam_search, prompt_lookup_draft, sampling_probs, speculative_generate,
 )
@@ -13,14 +13,8 @@ from reference_engine.generate import apply_repetition_penalty, generate
 from reference_engine.kv_cache import BlockAllocator
 
 
-def random_model(name="tiny", **overrides):
-    torch.manual_seed(3)
-    model = Transformer(ModelConfig.from_name(name, **overrides)).double().eval()
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if p.ndim == 2:
-                p.normal_(0.0, 0.5 if "embeddings" in pname else p.shape[-1] ** -0.5)
-    return model
+def random_model(preset="tiny", **overrides):
+    return tiny_random_model(preset, seed=3, **overrides)
 
 
 def logprobs_by_recomputation(model, tokens):

@@ -65,6 +65,18 @@ def tiny_llama(seed: int = 0, **overrides) -> Transformer:
     return model.eval()
 
 
+def random_model(preset: str = "tiny", seed: int = 1, **overrides) -> Transformer:
+    """A random model of a tiny preset in float64 (eval mode), so that equality checks are
+    not at the mercy of float32 rounding in differently shaped matmuls."""
+    torch.manual_seed(seed)
+    model = Transformer(ModelConfig.from_name(preset, **overrides)).double().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2:
+                p.normal_(0.0, 0.5 if "embeddings" in name else p.shape[-1] ** -0.5)
+    return model
+
+
 def permute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     """llama.cpp's converter: half-split rows -> adjacent-pair rows, per head."""
     out_features, in_features = w.shape

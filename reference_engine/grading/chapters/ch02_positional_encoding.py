@@ -2,7 +2,8 @@
 and by its relative-position property), the GGUF-to-half-split row conversion (checked by
 value and by SmolLM2's logits), and the ALiBi bias.
 
-References are float64 and computed here, in the trusted process; the cases use bases,
+References are the engine's own functions (`positional.py`, tested against the formulas
+element by element) in float64, in the trusted process only; the cases use bases,
 head counts and positions that differ between seeds, so a hard-coded constant or a
 power-of-two-only formula shows.
 """
@@ -11,22 +12,15 @@ from __future__ import annotations
 
 import torch
 
-from ...positional import adjacent_to_half_rows
+from ...positional import adjacent_to_half_rows, alibi_bias, apply_rope, rope_tables, sinusoidal_table
 from ..tasks import Case, Check, Task, register
 from .ch01_attention import smollm, smollm_tokenizer
 
 # -- 2.1 sinusoidal table -----------------------------------------------------------------
 
 
-def angles64(n_positions: int, dim: int, base: float) -> torch.Tensor:
-    """angle[p, i] = p / base^(2i / dim), float64, shape (n_positions, dim/2)."""
-    inv_freq = float(base) ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-    return torch.outer(torch.arange(n_positions, dtype=torch.float64), inv_freq)
-
-
 def sinusoidal64(max_len, d_model, base=10000.0):
-    a = angles64(max_len, d_model, base)
-    return torch.stack([a.sin(), a.cos()], dim=-1).reshape(max_len, d_model)  # sin, cos interleaved
+    return sinusoidal_table(max_len, d_model, base, dtype=torch.float64)
 
 
 def sinusoidal_cases(g):
@@ -48,13 +42,8 @@ def sinusoidal_cases(g):
 
 def rope64(x, positions, base):
     """Half-split RoPE in float64: pair (x_i, x_{i+D/2}) rotated by positions * base^(-2i/D)."""
-    x = x.double()
-    D = x.shape[-1]
-    inv_freq = float(base) ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)  # (D/2,)
-    angle = positions.double()[..., None, None] * inv_freq  # (B, T, 1, D/2)
-    x1, x2 = x[..., : D // 2], x[..., D // 2 :]
-    cos, sin = angle.cos(), angle.sin()
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    cos, sin = rope_tables(x.shape[-1], int(positions.max()) + 1, base, dtype=torch.float64)  # (P, D)
+    return apply_rope(x.double(), cos[positions].unsqueeze(2), sin[positions].unsqueeze(2))  # tables (B, T, 1, D)
 
 
 def scores_depend_only_on_offsets(out, x, positions, base):
@@ -174,22 +163,8 @@ def layout_cases(g):
 # -- 2.4 ALiBi ----------------------------------------------------------------------------------
 
 
-def slopes64(n_heads: int) -> torch.Tensor:
-    """The ALiBi paper's slopes: 2^(-8(h+1)/n) for n a power of two; otherwise those of the
-    largest power of two m below n, then the odd-numbered slopes of 2m heads."""
-    m = 1 << (n_heads.bit_length() - 1)
-
-    def power_of_two(n):
-        return [2.0 ** (-8.0 * (h + 1) / n) for h in range(n)]
-
-    return torch.tensor(power_of_two(m) + power_of_two(2 * m)[0::2][: n_heads - m], dtype=torch.float64)
-
-
 def alibi64(n_heads, q_len, kv_len):
-    q_pos = torch.arange(kv_len - q_len, kv_len)[:, None]  # queries are the last q_len positions
-    distance = (q_pos - torch.arange(kv_len)[None, :]).double()  # (q_len, kv_len)
-    bias = -slopes64(n_heads)[:, None, None] * distance  # (H, q_len, kv_len)
-    return bias.masked_fill(distance < 0, float("-inf"))
+    return alibi_bias(n_heads, q_len, kv_len, dtype=torch.float64)
 
 
 def alibi_cases(g):
