@@ -34,52 +34,64 @@ def length_normalised(logprob: float, length: int, length_penalty: float) -> flo
 @torch.inference_mode()
 def beam_search(model: Transformer, prompt: list[int], beam_width: int = 4, max_new_tokens: int = 32,
                 length_penalty: float = 1.0, stop_ids: Iterable[int] = ()) -> list[Hypothesis]:
-    """Keep the beam_width most likely continuations at every step; return the finished
-    hypotheses, best score first.
-
-    Each step scores every (beam, next token) pair by the beam's log-probability plus the
-    token's, and keeps the best beam_width that do not stop; a pair ending in a stop token
-    becomes a finished hypothesis. The search ends when beam_width hypotheses have finished
-    or after max_new_tokens (the beams still running then count as finished). The KV cache
-    holds one row per beam and is reordered when beams are copied (`reorder_cache`).
-    Length counts the generated tokens, the stop token included.
-    """
+    """Beam search on the model (see `search_beams` for the rule). The KV cache holds one
+    row per beam and is reordered when beams are copied (`reorder_cache`)."""
     if beam_width < 1 or max_new_tokens < 1 or not prompt:
         raise DojoError("beam search needs a non-empty prompt, beam_width >= 1 and max_new_tokens >= 1")
     if len(prompt) + max_new_tokens > model.config.max_seq_len:
         raise DojoError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) exceed the model's "
                         f"context of {model.config.max_seq_len}")
-    stop_ids = frozenset(stop_ids)
     model.setup_cache(beam_width, len(prompt) + max_new_tokens)  # room for every beam
     try:
-        logprobs = prefill(model, torch.tensor([prompt])).double().log_softmax(-1)  # (1, V)
-        beams, beam_logprob = [[]], torch.zeros(1, dtype=torch.float64)
-        finished: list[Hypothesis] = []
-        for step in range(max_new_tokens):
-            V = logprobs.shape[-1]
-            candidates = (beam_logprob[:, None] + logprobs).flatten()  # (n_beams * V,)
-            top = candidates.topk(min(2 * beam_width, candidates.numel()))  # W may stop, W continue
-            parents, tokens, running = [], [], []
-            for value, index in zip(top.values.tolist(), top.indices.tolist()):
-                parent, token = divmod(index, V)
-                if token in stop_ids:
-                    length = len(beams[parent]) + 1
-                    finished.append(Hypothesis(beams[parent], value, length_normalised(value, length, length_penalty)))
-                else:
-                    parents.append(parent)
-                    tokens.append(token)
-                    running.append(value)
-                if len(running) == beam_width:
-                    break
-            beams = [beams[p] + [t] for p, t in zip(parents, tokens)]
-            beam_logprob = torch.tensor(running, dtype=torch.float64)
-            if len(finished) >= beam_width or step == max_new_tokens - 1:
-                break
+        first = prefill(model, torch.tensor([prompt])).double().log_softmax(-1)  # (1, V)
+
+        def advance(parents: list[int], beams: list[list[int]]) -> torch.Tensor:
             model.reorder_cache(torch.tensor(parents))  # cache row i continues beam parents[i]
-            logits = model(torch.tensor(tokens)[:, None], start=len(prompt) + step)[:, -1]  # (n_beams, V)
-            logprobs = logits.double().log_softmax(-1)
+            last = torch.tensor([b[-1] for b in beams])[:, None]
+            return model(last, start=len(prompt) + len(beams[0]) - 1)[:, -1].double().log_softmax(-1)
+
+        return search_beams(first, advance, beam_width, max_new_tokens, length_penalty, stop_ids)
     finally:
         model.clear_cache()
+
+
+def search_beams(first: torch.Tensor, advance, beam_width: int, max_new_tokens: int,
+                 length_penalty: float = 1.0, stop_ids: Iterable[int] = ()) -> list[Hypothesis]:
+    """Keep the beam_width most likely continuations at every step; return the finished
+    hypotheses, best score first. Model-free: first (1, V) holds the log-probabilities of
+    the first token, and advance(parents, beams) those after each beam (n_beams, V), where
+    beam i (a list of generated tokens) continues old beam parents[i].
+
+    Each step scores every (beam, next token) pair by the beam's log-probability plus the
+    token's, and keeps the best beam_width that do not stop; a pair ending in a stop token
+    becomes a finished hypothesis. The search ends when beam_width hypotheses have finished
+    or after max_new_tokens (the beams still running then count as finished). Length
+    counts the generated tokens, the stop token included.
+    """
+    stop_ids = frozenset(stop_ids)
+    logprobs = first
+    beams, beam_logprob = [[]], torch.zeros(1, dtype=torch.float64)
+    finished: list[Hypothesis] = []
+    for step in range(max_new_tokens):
+        V = logprobs.shape[-1]
+        candidates = (beam_logprob[:, None] + logprobs).flatten()  # (n_beams * V,)
+        top = candidates.topk(min(2 * beam_width, candidates.numel()))  # W may stop, W continue
+        parents, new_beams, running = [], [], []
+        for value, index in zip(top.values.tolist(), top.indices.tolist()):
+            parent, token = divmod(index, V)
+            if token in stop_ids:
+                length = len(beams[parent]) + 1
+                finished.append(Hypothesis(beams[parent], value, length_normalised(value, length, length_penalty)))
+            else:
+                parents.append(parent)
+                new_beams.append(beams[parent] + [token])
+                running.append(value)
+            if len(running) == beam_width:
+                break
+        beams, beam_logprob = new_beams, torch.tensor(running, dtype=torch.float64)
+        if len(finished) >= beam_width or step == max_new_tokens - 1:
+            break
+        logprobs = advance(parents, beams)
     if len(finished) < beam_width:  # out of steps: the running beams finish as they are
         finished += [Hypothesis(b, lp, length_normalised(lp, len(b), length_penalty))
                      for b, lp in zip(beams, beam_logprob.tolist())]

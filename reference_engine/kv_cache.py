@@ -117,35 +117,28 @@ class PagedKVCache(nn.Module):
     `BlockAllocator` shared by every layer (they all hold the same slots)."""
 
     def __init__(self, allocator: BlockAllocator, n_blocks: int, n_kv_heads: int, head_dim: int,
-                 max_seq_len: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 max_seq_len: int, block_size: int, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu"):
         super().__init__()
-        self.allocator = allocator
+        self.allocator = allocator  # used only through ensure, locate and (beam search) reorder
         self.max_seq_len = max_seq_len
-        shape = (n_blocks, n_kv_heads, allocator.block_size, head_dim)
+        shape = (n_blocks, n_kv_heads, block_size, head_dim)
         self.register_buffer("k_pool", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_pool", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Same contract as `KVCache.update`; the returned tensors are gathered copies."""
-        B, KV, T, D = k.shape
-        end = start + T
-        slots = torch.arange(start, end)
+        B, end = k.shape[0], start + k.shape[2]
         keys, values = [], []
         for b in range(B):
             self.allocator.ensure(b, end)  # a no-op in every layer after the first
-            block, offset = self.allocator.locate(b, slots)
-            self.k_pool[block, :, offset] = k[b].transpose(0, 1)  # (T, KV, D) into T (block, offset) cells
-            self.v_pool[block, :, offset] = v[b].transpose(0, 1)
-            table = torch.tensor(self.allocator.tables[b], dtype=torch.long)
-            keys.append(self._gather(self.k_pool, table, end))
-            values.append(self._gather(self.v_pool, table, end))
+            block, offset = self.allocator.locate(b, torch.arange(end))  # (end,) each: where every slot lives
+            new = slice(start, end)
+            self.k_pool[block[new], :, offset[new]] = k[b].transpose(0, 1)  # (T, KV, D) into T cells
+            self.v_pool[block[new], :, offset[new]] = v[b].transpose(0, 1)
+            keys.append(self.k_pool[block, :, offset].transpose(0, 1))  # gathered: (KV, end, D)
+            values.append(self.v_pool[block, :, offset].transpose(0, 1))
         return torch.stack(keys), torch.stack(values)  # (B, KV, end, D)
-
-    @staticmethod
-    def _gather(pool: torch.Tensor, table: torch.Tensor, end: int) -> torch.Tensor:
-        blocks = pool[table]  # (n, KV, block_size, D)
-        n, KV, S, D = blocks.shape
-        return blocks.transpose(0, 1).reshape(KV, n * S, D)[:, :end]  # (KV, end, D)
 
     def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """pool[dst] = pool[src]: the data movement of `BlockAllocator.reorder`."""

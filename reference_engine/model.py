@@ -110,6 +110,13 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | PagedKVCache | None = None
         self.attend = ATTENTION_IMPLS[config.attn_impl]  # (q, k, v, mask, is_causal) -> (B, H, T, D)
 
+    def use_cache(self, cache) -> None:
+        """Attach a KV cache (anything with update(start, k, v)), or None to detach it. Kept
+        out of the module tree on purpose: a cache holds no weights, and a cache class that
+        is not an nn.Module must be accepted too."""
+        self._modules.pop("kv_cache", None)
+        self.__dict__["kv_cache"] = cache
+
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 start: int, mask: torch.Tensor | None) -> torch.Tensor:
         B, T, _ = x.shape
@@ -236,6 +243,29 @@ class Transformer(nn.Module):
 
     # -- cache management -------------------------------------------------------------
 
+    cache_class: type = KVCache  # what a "static" cache is built from (`set_kv_cache`)
+    allocator_class: type = BlockAllocator  # what hands out the blocks of a "paged" one
+
+    def set_kv_cache(self, kind: str | type, allocator: type | None = None) -> None:
+        """Choose the KV cache that `setup_cache` builds from now on:
+          - "static" or "paged" (the engine's own);
+          - your own class, built as cls(batch_size, n_kv_heads, max_seq_len, head_dim) in
+            every layer, with update(start, k, v) -> (keys, values) as in `KVCache.update`;
+          - "paged" with allocator=your class, built as cls(n_blocks, block_size, n_sequences),
+            with ensure(seq, n_slots), release(seq) and locate(seq, slots) as in `BlockAllocator`.
+        Example: model.set_kv_cache(MyCache); generate(model, prompts) now decodes with it."""
+        if isinstance(kind, str):
+            if kind not in ("static", "paged") or (allocator is not None and kind != "paged"):
+                raise DojoError(f"set_kv_cache takes 'static', 'paged' (optionally with allocator=your class) "
+                                f"or a cache class; got {kind!r} with allocator={allocator!r}")
+            self.config = replace(self.config, kv_cache=kind)
+            self.cache_class, self.allocator_class = KVCache, allocator or BlockAllocator
+        elif isinstance(kind, type) and allocator is None:
+            self.config = replace(self.config, kv_cache="static")
+            self.cache_class, self.allocator_class = kind, BlockAllocator
+        else:
+            raise DojoError(f"set_kv_cache expects 'static', 'paged' or a class, got {kind!r}")
+
     def setup_cache(self, batch_size: int, max_seq_len: int | None = None) -> None:
         """A fresh KV cache in every layer for up to max_seq_len slots, of the kind the config
         names: "static" (allocated whole now) or "paged" (a pool of blocks with room for the
@@ -245,14 +275,17 @@ class Transformer(nn.Module):
         p = self.tok_embeddings.weight
         if c.kv_cache == "paged":
             n_blocks = batch_size * -(-max_seq_len // c.kv_block_size)
-            allocator = BlockAllocator(n_blocks, c.kv_block_size, batch_size)  # one table for all layers
+            allocator = self.allocator_class(n_blocks, c.kv_block_size, batch_size)  # one table for all layers
             for layer in self.layers:
-                layer.attn.kv_cache = PagedKVCache(allocator, n_blocks, c.n_kv_heads, c.head_dim, max_seq_len,
-                                                   dtype=p.dtype, device=p.device)
+                layer.attn.use_cache(PagedKVCache(allocator, n_blocks, c.n_kv_heads, c.head_dim, max_seq_len,
+                                                  block_size=c.kv_block_size, dtype=p.dtype, device=p.device))
             return
         for layer in self.layers:
-            layer.attn.kv_cache = KVCache(batch_size, c.n_kv_heads, max_seq_len, c.head_dim,
-                                          dtype=p.dtype, device=p.device)
+            if self.cache_class is KVCache:
+                layer.attn.use_cache(KVCache(batch_size, c.n_kv_heads, max_seq_len, c.head_dim,
+                                             dtype=p.dtype, device=p.device))
+            else:
+                layer.attn.use_cache(self.cache_class(batch_size, c.n_kv_heads, max_seq_len, c.head_dim))
 
     def reorder_cache(self, rows: torch.Tensor) -> None:
         """Batch row i of the cache becomes a copy of old row rows[i] (beam search)."""
@@ -262,12 +295,15 @@ class Transformer(nn.Module):
             for layer in self.layers:
                 layer.attn.kv_cache.copy_blocks(src, dst)
         else:
+            if not hasattr(first, "reorder"):
+                raise DojoError(f"{type(first).__name__} has no reorder(rows) method, which beam search needs "
+                                "to copy cache rows between beams")
             for layer in self.layers:
                 layer.attn.kv_cache.reorder(rows)
 
     def clear_cache(self) -> None:
         for layer in self.layers:
-            layer.attn.kv_cache = None
+            layer.attn.use_cache(None)
 
     @property
     def cache_len(self) -> int | None:

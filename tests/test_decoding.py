@@ -107,6 +107,56 @@ def test_block_allocator_grows_releases_and_reports_a_full_pool():
         alloc.ensure(0, 9)
 
 
+
+class ListCache:
+    """A KV cache written the simplest way (a list of chunks, concatenated on every read):
+    a stand-in for a learner's class, which the engine must accept."""
+
+    def __init__(self, batch_size, n_kv_heads, max_seq_len, head_dim):
+        self.k, self.v = [], []
+
+    def update(self, start, k, v):
+        self.k.append(k)
+        self.v.append(v)
+        return torch.cat(self.k, dim=2), torch.cat(self.v, dim=2)
+
+
+class LastFreedLast(BlockAllocator):
+    """A different free-list policy (hand out the highest free id): the engine must not
+    depend on which blocks it gets, only on locate."""
+
+    def __init__(self, n_blocks, block_size, n_sequences):
+        super().__init__(n_blocks, block_size, n_sequences)
+        self.free.sort()
+        self.tables = [[] for _ in range(n_sequences)]
+
+
+def test_the_engine_decodes_with_a_cache_class_it_is_given():
+    model = random_model()
+    prompts = [[4, 8, 15, 16, 23, 42, 7], [1, 2]]
+    expected = generate(model, prompts, max_new_tokens=9).tokens
+    model.set_kv_cache(ListCache)
+    assert generate(model, prompts, max_new_tokens=9).tokens == expected
+    assert isinstance(model.layers[0].attn.kv_cache, type(None))  # cleared after generating
+    model.setup_cache(2, 32)
+    assert isinstance(model.layers[0].attn.kv_cache, ListCache)
+    with pytest.raises(DojoError, match="no reorder"):
+        model.reorder_cache(torch.tensor([1, 0]))
+    model.set_kv_cache("paged", allocator=LastFreedLast)
+    model.config = model.config.__class__(**{**model.config.__dict__, "kv_block_size": 3})
+    assert generate(model, prompts, max_new_tokens=9).tokens == expected
+    model.setup_cache(2, 32)
+    assert isinstance(model.layers[0].attn.kv_cache.allocator, LastFreedLast)
+    model.set_kv_cache("static")
+    model.setup_cache(2, 32)
+    assert type(model.layers[0].attn.kv_cache).__name__ == "KVCache"
+
+
+@pytest.mark.parametrize("bad", ["dynamic", 3, None])
+def test_set_kv_cache_names_what_it_accepts(bad):
+    with pytest.raises(DojoError, match="set_kv_cache"):
+        random_model().set_kv_cache(bad)
+
 # -- speculative decoding -------------------------------------------------------------------
 
 

@@ -54,10 +54,12 @@ def _base_job(task: Task, cells: list[str]) -> dict:
             "harness_source": _source(task.harness_source)}
 
 
-def build_job(task: Task, cells: list[str], cases: list[Case]) -> dict:
-    """Everything the child needs, as plain data. The parent keeps `cases` to judge with."""
+def build_job(task: Task, cells: list[str], cases: list[Case], timed: bool = True) -> dict:
+    """Everything the child needs, as plain data. The parent keeps `cases` to judge with.
+    timed=False leaves the speed measurement out (the grader asks for it separately, once
+    the values are right)."""
     job = {**_base_job(task, cells), "calls": [{"args": c.args, "kwargs": c.kwargs} for c in cases],
-           "same_object": None, "ops_call": 0}
+           "same_object": None, "ops_call": 0 if task.forbidden_ops else None}  # the profiler costs time
     if task.common:
         g = torch.Generator().manual_seed(1234)
         probe = next(c for c in cases if c.check == next(iter(task.checks)))
@@ -67,7 +69,7 @@ def build_job(task: Task, cells: list[str], cases: list[Case]) -> dict:
         job["same_object"] = {"first": probe.args, "second": second, "kwargs": probe.kwargs, "output": probe.output}
     if task.memory is not None:
         job["memory"] = {"args": task.memory.args, "kwargs": task.memory.kwargs}
-    if task.speed is not None:
+    if task.speed is not None and timed:
         job.update(speed_job(task))
     return job
 
@@ -89,7 +91,7 @@ def grade_task(task: Task, cells: list[Cell], timeout_s: float = 60.0) -> list[c
         cases = build_cases(task)  # some tasks need the real model or its tokenizer here
     except DojoError as e:
         return checks.all_fail(task, f"cannot be graded on this machine: {e}")
-    job = build_job(task, runnable, cases)
+    job = build_job(task, runnable, cases, timed=False)  # speed is measured only for correct code
     run = run_child(job, timeout_s=timeout_s, memory_mb=task.memory_mb)
     problem = child_problem(task, run, cells)
     if problem:

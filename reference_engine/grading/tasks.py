@@ -115,4 +115,4 @@ def register(*tasks: Task) -> None:
 
 def load_chapters() -> None:
     """Import every chapter module, which registers its tasks."""
-    from .chapters import ch01_attention, ch02_positional_encoding  # noqa: F401
+    from .chapters import ch01_attention, ch02_positional_encoding, ch03_decoding_kv_cache  # noqa: F401

