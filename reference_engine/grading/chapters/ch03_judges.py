@@ -1,7 +1,7 @@
 """Chapter 3's judges: properties of what the learner's code did, where no single right
 value exists. The accept/reject step is judged by the distributions of the tokens it lets
-out (statistically, at 5.5 standard deviations: a correct step fails about once in ten
-million tests); the block allocator by the invariants of its block tables after every
+out (statistically, at 5.5 standard deviations per comparison: a correct step fails a
+grading about once in a million); the block allocator by the invariants of its block tables after every
 operation (whatever blocks it chose). Each returns None, or what is wrong.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-SIGMAS = 5.5  # a correct implementation lands further out about once in 10^7 tests
+SIGMAS = 5.5  # a correct implementation lands further out about 4 times in 10^8 comparisons
 
 
 def emitted(out: torch.Tensor, k: int, position: int) -> torch.Tensor:
@@ -85,21 +85,25 @@ def acceptance_matches(out, p, q, n_trials):
 
 def allocator_judge(out, kind, ops, n_blocks, block_size, n_sequences):
     """Check the recorded block tables after every op of the script (see `replay_allocator`)."""
-    held, where, used = [0] * n_sequences, {}, lambda: sum(-(-h // block_size) for h in held)
+    def blocks_for(n_slots: int) -> int:
+        return -(-n_slots // block_size)  # ceil
+
+    held, where = [0] * n_sequences, {}  # slots each sequence holds; (seq, slot) -> (block, offset)
     for i, (op, seq, n) in enumerate(ops.tolist()):
         raised = bool(((out[:, 0] == i) & (out[:, 5] == 1)).any())
         if op == 1:
             held[seq] = 0
             where = {key: val for key, val in where.items() if key[0] != seq}
         else:
-            more = max(0, -(-n // block_size) - -(-held[seq] // block_size))
-            fits = used() + more <= n_blocks
+            free = n_blocks - sum(blocks_for(h) for h in held)
+            more = max(0, blocks_for(n) - blocks_for(held[seq]))
+            fits = more <= free
             if raised and fits:
-                return (f"op {i + 1}: ensure({seq}, {n}) raised, but the tables leave {n_blocks - used()} block(s) free "
+                return (f"op {i + 1}: ensure({seq}, {n}) raised, but the tables leave {free} block(s) free "
                         f"and it needs {more}: blocks went missing from the free list (not given back by release, "
                         "or kept by an earlier ensure that raised)")
             if not raised and not fits:
-                return (f"op {i + 1}: ensure({seq}, {n}) needs {more} more block(s) with {n_blocks - used()} free: it "
+                return (f"op {i + 1}: ensure({seq}, {n}) needs {more} more block(s) with {free} free: it "
                         "must raise an error instead of handing out a block twice or one that does not exist")
             if not raised:
                 held[seq] = max(held[seq], n)
