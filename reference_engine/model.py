@@ -290,14 +290,15 @@ class Transformer(nn.Module):
     def reorder_cache(self, rows: torch.Tensor) -> None:
         """Batch row i of the cache becomes a copy of old row rows[i] (beam search)."""
         first = self.layers[0].attn.kv_cache
+        holder = first.allocator if isinstance(first, PagedKVCache) else first
+        if not hasattr(holder, "reorder"):
+            raise DojoError(f"{type(holder).__name__} has no reorder(rows) method, which beam search needs "
+                            "to copy cache rows between beams")
         if isinstance(first, PagedKVCache):
-            src, dst = first.allocator.reorder(rows.tolist())
+            src, dst = holder.reorder(rows.tolist())
             for layer in self.layers:
                 layer.attn.kv_cache.copy_blocks(src, dst)
         else:
-            if not hasattr(first, "reorder"):
-                raise DojoError(f"{type(first).__name__} has no reorder(rows) method, which beam search needs "
-                                "to copy cache rows between beams")
             for layer in self.layers:
                 layer.attn.kv_cache.reorder(rows)
 
