@@ -136,3 +136,16 @@ def test_prefix_scorer_extends_prefixes_exactly_as_it_recomputes_them():
         expected = model(torch.tensor([[1, 2, 3, 7], [1, 2, 4, 9], [1, 2, 4, 2]]))[:, -1].double().log_softmax(-1)
     assert torch.allclose(extended, expected, atol=1e-9)
     assert torch.allclose(fresh[0], expected[0], atol=1e-9)
+
+
+def test_prefix_scorer_extends_beams_asked_for_one_at_a_time():
+    from tiny_gguf import random_model
+
+    model = random_model("tiny", seed=5)
+    scorer = PrefixScorer(model)
+    scorer([[1, 2]])
+    scorer([[1, 2, 3]])
+    scorer([[1, 2, 4]])  # its parent [1, 2] must still be known
+    assert set(scorer.known) == {(1, 2), (1, 2, 3), (1, 2, 4)}
+    scorer([[1, 2, 3, 5]])
+    assert (1, 2) not in scorer.known and (1, 2, 4) in scorer.known

@@ -152,9 +152,9 @@ def smollm64() -> Transformer:
 class PrefixScorer:
     """step(prefixes) -> SmolLM2's log-probabilities (n, V) of the token after each prefix.
 
-    Keeps the keys and values of the prefixes it scored last, so that scoring a prefix one
-    token longer than a known one costs one token (beam search asks for exactly those);
-    any other prefix is run from scratch."""
+    Keeps the keys and values of the prefixes it scored at the last two lengths, so that
+    scoring a prefix one token longer than a known one costs one token (beam search asks for
+    exactly those, all beams at once or one by one); any other prefix is run from scratch."""
 
     def __init__(self, model: Transformer | None = None):
         self._model = model  # None: SmolLM2 in float64, loaded at the first call
@@ -174,7 +174,10 @@ class PrefixScorer:
         else:
             pairs = [self._from_scratch(p) for p in prefixes]
             logits, caches = torch.cat([lg for lg, _ in pairs]), [c for _, cs in pairs for c in cs]
-        self.known = dict(zip(prefixes, caches))  # beam search's next call extends these
+        # keep what the next calls may extend: this length and the one before (a search that
+        # asks for one beam per call still finds every parent)
+        shortest = max(len(p) for p in prefixes) - 1 if prefixes else 0
+        self.known = {p: c for p, c in self.known.items() if len(p) >= shortest} | dict(zip(prefixes, caches))
         return logits.double().log_softmax(-1)
 
     def _from_scratch(self, prefix: tuple) -> tuple[torch.Tensor, list]:
