@@ -1,7 +1,8 @@
 """The trusted machinery chapter 3's tasks run the learner's code in: models that decode
 with the learner's cache or allocator, the `step` function beam search is graded with,
 and the repeated trials of the accept/reject step. Runs in the grader's child (before the
-learner's code) and in the notebook kernel; judges live in `ch03_decoding_kv_cache.py`.
+learner's code) and in the notebook kernel. The cases are in `ch03_decoding_kv_cache.py`,
+the judges in `ch03_judges.py`.
 """
 
 from __future__ import annotations
