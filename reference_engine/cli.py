@@ -183,7 +183,7 @@ def cmd_demo(args) -> int:
     print(f"Loaded a {c.n_layers}-layer model ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M "
           f"parameters, {c.n_heads} query / {c.n_kv_heads} KV heads) in {load_s:.1f} s.\n")
     print(f"user> {args.prompt}\nmodel> ", end="", flush=True)
-    ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}]))
+    ids = tokenizer.encode_chat(args.prompt)
     sampling = argparse.Namespace(max_new_tokens=96, temperature=0.0, top_k=0, top_p=1.0, seed=None,
                                   repetition_penalty=1.0)
     g = stream_reply(model, tokenizer, ids, sampling)
@@ -271,7 +271,7 @@ def cmd_speculate(args) -> int:
 
     check_prompt(args.prompt)
     model, tokenizer, _ = load(args)
-    ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}]))
+    ids = tokenizer.encode_chat(args.prompt)
     stops = stop_ids(tokenizer)
     t0 = time.perf_counter()
     plain = generate(model, [ids], max_new_tokens=args.max_new_tokens, stop_ids=stops).tokens[0]

@@ -12,7 +12,7 @@ from typing import Iterable
 import torch
 
 from .errors import DojoError
-from .generate import check_sampling_args, prefill, top_k_filter, top_p_filter
+from .generate import check_sampling_args, prefill, top_k_top_p_filter
 from .model import Transformer
 
 # -- beam search --------------------------------------------------------------------------
@@ -106,7 +106,7 @@ def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top
     of logits / temperature, or a one-hot argmax for temperature 0 (greedy)."""
     if temperature == 0.0:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).double()
-    return torch.softmax(top_p_filter(top_k_filter(logits.double() / temperature, top_k), top_p), dim=-1)
+    return torch.softmax(top_k_top_p_filter(logits.double() / temperature, top_k, top_p), dim=-1)
 
 
 def accept_or_resample(p: torch.Tensor, q: torch.Tensor, draft: list[int],

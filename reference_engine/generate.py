@@ -48,6 +48,11 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def top_k_top_p_filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """top-k first, then top-p on the softmax of what is left (0 and 1.0 switch them off)."""
+    return top_p_filter(top_k_filter(logits, top_k), top_p)
+
+
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """CTRL's repetition penalty on logits (B, V) for the tokens marked in seen (B, V) bool:
     a positive logit is divided by the penalty, a negative one multiplied, so either way
@@ -61,7 +66,7 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p
     """Next token per row from logits (B, V). temperature 0 is greedy (argmax). Returns (B,)."""
     if temperature == 0.0:
         return logits.argmax(dim=-1)
-    logits = top_p_filter(top_k_filter(logits / temperature, top_k), top_p)
+    logits = top_k_top_p_filter(logits / temperature, top_k, top_p)
     probs = torch.softmax(logits.float(), dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
@@ -170,9 +175,10 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
         seen[row, p] = True
 
     def pick(logits: torch.Tensor) -> torch.Tensor:
-        if repetition_penalty != 1.0:
-            logits = apply_repetition_penalty(logits, seen, repetition_penalty)
-        token = sample(logits, temperature, top_k, top_p, generator)
+        if repetition_penalty == 1.0:  # off: no bookkeeping on the decode path
+            return sample(logits, temperature, top_k, top_p, generator)
+        token = sample(apply_repetition_penalty(logits, seen, repetition_penalty), temperature, top_k, top_p,
+                       generator)
         seen[torch.arange(B), token] = True
         return token
 

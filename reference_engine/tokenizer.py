@@ -188,6 +188,11 @@ class Tokenizer:
         return env.from_string(self.chat_template).render(
             messages=messages, add_generation_prompt=add_generation_prompt)
 
+    def encode_chat(self, user_message: str) -> list[int]:
+        """Token ids of a one-turn chat: the template around user_message, ending where the
+        assistant's reply begins (what generation continues)."""
+        return self.encode(self.apply_chat_template([{"role": "user", "content": user_message}]))
+
 
 class StreamDecoder:
     """Turns a stream of token ids into text, holding back bytes of an unfinished

@@ -16,10 +16,6 @@ PROMPTS = [
 ]
 
 
-def chat_ids(tokenizer, question):
-    return tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": question}]))
-
-
 def test_logits_match_hf_transformers_reading_the_same_file(smollm64, hf_model):
     """The engine's math (float64, so that only HF's float32 rounding is left) against
     HF transformers' own GGUF loader and Llama implementation."""
@@ -73,7 +69,7 @@ def test_both_rope_layouts_give_the_same_logits_and_a_mixed_up_one_does_not(smol
 
 def test_greedy_chat_knows_the_capital_of_france(smollm):
     model, tokenizer = smollm
-    out = generate(model, [chat_ids(tokenizer, "What is the capital of France?")], max_new_tokens=24,
+    out = generate(model, [tokenizer.encode_chat("What is the capital of France?")], max_new_tokens=24,
                    stop_ids=stop_ids(tokenizer))
     answer = tokenizer.decode(out.tokens[0])
     assert "Paris" in answer and out.finish_reasons == ["stop"], answer
@@ -82,7 +78,7 @@ def test_greedy_chat_knows_the_capital_of_france(smollm):
 def test_batched_chat_rows_answer_independently(smollm):
     model, tokenizer = smollm
     questions = ["Say hello.", "What is the capital of France?", "Name a color."]
-    out = generate(model, [chat_ids(tokenizer, q) for q in questions], max_new_tokens=24,
+    out = generate(model, [tokenizer.encode_chat(q) for q in questions], max_new_tokens=24,
                    stop_ids=stop_ids(tokenizer))
     assert "Paris" in tokenizer.decode(out.tokens[1])
     assert len({len(t) for t in out.tokens}) > 1, "rows should stop at different lengths"
@@ -101,7 +97,7 @@ def test_speculative_decoding_reproduces_greedy_chat(smollm):
     from reference_engine.decoding import speculative_generate
 
     model, tokenizer = smollm
-    ids = chat_ids(tokenizer, "List the days of the week.")
+    ids = tokenizer.encode_chat("List the days of the week.")
     expected = generate(model, [ids], max_new_tokens=24).tokens[0]
     for draft in ("layers", "lookup"):
         result = speculative_generate(model, ids, max_new_tokens=24, k=4, draft=draft, draft_layers=10)
@@ -113,7 +109,7 @@ def test_beam_search_and_the_paged_cache_on_the_real_model(smollm):
     from reference_engine.decoding import beam_search
 
     model, tokenizer = smollm
-    ids = chat_ids(tokenizer, "What is the capital of France?")
+    ids = tokenizer.encode_chat("What is the capital of France?")
     best = beam_search(model, ids, beam_width=3, max_new_tokens=12, stop_ids=stop_ids(tokenizer))[0]
     assert "Paris" in tokenizer.decode(best.tokens)
     greedy = generate(model, [ids], max_new_tokens=12).tokens

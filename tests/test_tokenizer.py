@@ -61,6 +61,7 @@ def test_chat_template_renders_the_models_own_template(smol_tok):
     text = smol_tok.apply_chat_template([{"role": "user", "content": "Hi"}])
     assert text == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
                     "<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    assert smol_tok.encode_chat("Hi") == smol_tok.encode(text)
 
 
 def test_byte_alphabet_is_a_bijection_of_printable_characters():

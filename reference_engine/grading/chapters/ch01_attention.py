@@ -203,7 +203,7 @@ def engine_cases(g):
     first = int(torch.randint(0, len(PROMPTS), (1,), generator=g))
     cases = []
     for text in (PROMPTS[first], PROMPTS[(first + 1) % len(PROMPTS)]):
-        ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": text}]))
+        ids = tokenizer.encode_chat(text)
         cases.append(Case("greedy_output", [torch.tensor(ids)], {}, f"chat prompt {text!r}, 12 greedy tokens"))
     return cases
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ...decoding import search_beams
-from ...generate import top_k_filter, top_p_filter
+from ...generate import top_k_top_p_filter
 from ..tasks import Case, Check, Speed, Task, register
 from .ch01_attention import smollm_tokenizer
 from .ch03_harness import SMALL, model_named, small_model, step_for
@@ -26,7 +26,7 @@ from .ch03_judges import acceptance_matches, allocator_judge, bonus_follows_targ
 
 
 def filter64(logits, top_k, top_p):
-    return top_p_filter(top_k_filter(logits.double(), top_k), top_p)
+    return top_k_top_p_filter(logits.double(), top_k, top_p)
 
 
 def filter_cases(g):
@@ -78,7 +78,7 @@ def recomputed64(ids, n_prefill, chunk=1, model="small"):
 
 def chat_ids(question: str, answer: str) -> tuple[torch.Tensor, int]:
     tokenizer = smollm_tokenizer()
-    prompt = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": question}]))
+    prompt = tokenizer.encode_chat(question)
     return torch.tensor([prompt + tokenizer.encode(answer)]), len(prompt)
 
 
