@@ -22,12 +22,13 @@ from .generate import generate
 from .perplexity import reference_text
 
 
-def read_bandwidth(n_bytes: int = 512 << 20, repeats: int = 7) -> float:
+def read_bandwidth(n_bytes: int = 512 << 20, repeats: int = 7, buf: torch.Tensor | None = None) -> float:
     """Bytes/s for streaming a buffer larger than any cache (best of `repeats` sums)."""
-    buf = torch.ones(n_bytes // 4)  # ones, not empty: untouched pages would read as free
-    buf.sum()
+    if buf is None:
+        buf = torch.ones(n_bytes // 4)  # ones, not empty: untouched pages would read as free
+        buf.sum()
     best = min(_timed(buf.sum) for _ in range(repeats))
-    return n_bytes / best
+    return buf.numel() * buf.element_size() / best
 
 
 def weight_bytes_per_token(model) -> int:
@@ -61,6 +62,25 @@ def bench_decode(model, prompts: list[list[int]], new_tokens: int, repeats: int 
     return statistics.median(rates)
 
 
+def bench_decode_and_bandwidth(model, prompt: list[int], new_tokens: int, repeats: int = 3) -> dict:
+    """Batch-1 decode tokens/s and read bandwidth, measured in alternation (a bandwidth
+    reading right before each decode run), so that each fraction of the bound compares two
+    figures taken under the same load: on a shared machine the bandwidth alone has been
+    seen to move between 30 and 60 GB/s from one minute to the next. Medians of the rounds."""
+    buf = torch.ones((512 << 20) // 4)
+    buf.sum()
+    per_token = weight_bytes_per_token(model)
+    rounds = []
+    for _ in range(repeats):
+        bandwidth = read_bandwidth(repeats=3, buf=buf)
+        g = generate(model, [prompt], max_new_tokens=new_tokens)
+        rate = g.decode_steps / g.decode_s
+        rounds.append((rate, bandwidth, rate * per_token / bandwidth))
+    rate, bandwidth, fraction = (statistics.median(r[i] for r in rounds) for i in range(3))
+    return {"decode_tok_s": rate, "read_bandwidth_gb_s": bandwidth / 1e9, "weight_mb_per_token": per_token / 1e6,
+            "bandwidth_bound_tok_s": bandwidth / per_token, "bandwidth_fraction": fraction}
+
+
 def bench_hf_decode(model, prompt: list[int], new_tokens: int, repeats: int = 3) -> float | None:
     """HF transformers' `generate` decode tokens/s on the same fp32 weights, or None when
     transformers is not installed. Decode time = time(1 + n tokens) - time(1 token)."""
@@ -90,28 +110,23 @@ def run_bench(model, tokenizer, load_s: float, baseline: bool = True, new_tokens
     prefill_len = min(512, context // 2)  # tiny test models have short contexts
     prefill_tok_s, ttft = bench_prefill(model, text_ids[:prefill_len])
     chat = chat[-(context - new_tokens):]
-    decode_1 = bench_decode(model, [chat], new_tokens)
+    single = bench_decode_and_bandwidth(model, chat, new_tokens)
+    decode_1 = single["decode_tok_s"]
     # 16 prompts of different lengths (16..76 tokens) taken from real text
     batch = [text_ids[i * 200: i * 200 + 16 + 4 * i] for i in range(16)]
     decode_16 = bench_decode(model, batch, new_tokens // 2, repeats=2)
-    bandwidth = read_bandwidth()
-    per_token = weight_bytes_per_token(model)
     result = {
         "load_s": load_s,
         "prefill_tokens": prefill_len,
         "prefill_tok_s": prefill_tok_s,
         "ttft_s": ttft,
-        "decode_tok_s": decode_1,
+        **single,
         "decode_tok_s_batch16": decode_16,
         "batch16_speedup": decode_16 / decode_1,
-        "read_bandwidth_gb_s": bandwidth / 1e9,
-        "weight_mb_per_token": per_token / 1e6,
-        "bandwidth_bound_tok_s": bandwidth / per_token,
-        "bandwidth_fraction": decode_1 * per_token / bandwidth,
         "peak_memory_mb": peak_memory_mb(),
         "threads": torch.get_num_threads(),
         "dtype": str(model.tok_embeddings.weight.dtype).removeprefix("torch."),
-        "decode_matmul": cpu_kernels.status(),
+        "decode_path": cpu_kernels.status(),
     }
     if baseline:
         hf = bench_hf_decode(model, chat, new_tokens // 2)
@@ -133,7 +148,7 @@ def format_table(result: dict) -> str:
         ("bandwidth bound, batch 1", f"{result['bandwidth_bound_tok_s']:.1f} tokens/s"),
         ("fraction of the bound reached", f"{result['bandwidth_fraction']:.0%}"),
         ("peak memory (RSS)", f"{result['peak_memory_mb']:.0f} MB"),
-        ("decode matmuls", result["decode_matmul"]),
+        ("decode path", result["decode_path"]),
     ]
     if result.get("hf_decode_tok_s") is not None:
         rows.append(("HF transformers generate, batch 1", f"{result['hf_decode_tok_s']:.1f} tokens/s "

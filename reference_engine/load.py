@@ -28,7 +28,7 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch
                **config_overrides) -> tuple[Transformer, Tokenizer]:
     """Load a Llama-architecture GGUF file; the default is SmolLM2-135M-Instruct.
 
-    pack: on the CPU in float32, also keep oneDNN-blocked copies of the weights for fast
+    pack: on the CPU in float32, also keep packed copies of the weights for fast
     decoding (`Transformer.pack_for_cpu`; doubles the memory of the weights).
     config_overrides: any of LOAD_OVERRIDES, e.g. rope_layout="adjacent", or
         rope_scaling="ntk", rope_scaling_factor=2.0, max_seq_len=16384.

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cpu_kernels
+from . import cpu_kernels, fused_decode
 from .attention import ATTENTION_IMPLS
 from .config import ModelConfig
 from .errors import DojoError
@@ -28,15 +28,17 @@ from .positional import alibi_bias, apply_rope, rope_tables, sinusoidal_table
 
 
 class PackedWeight:
-    """A copy of a weight matrix in oneDNN's blocked layout, for small-batch CPU matmuls.
+    """A copy of a weight matrix laid out for small-batch CPU matmuls (decoding).
 
     subtle: decoding multiplies a few rows of activations by each weight matrix, so its
     speed is the speed of streaming the weights from memory. On some CPUs (AMD EPYC among
     them) MKL, which F.linear calls, runs these skinny products at about a third of the
-    memory bandwidth; oneDNN (also inside PyTorch) with the weight pre-blocked runs them
-    2-3x faster. The copy doubles the memory of the matrices. It is used only while the
-    original is unchanged: replacing or editing the weight in place makes `linear` fall
-    back to F.linear, so a stale copy can never give wrong results.
+    memory bandwidth. Where the compiled kernels are built (`cpu_kernels.py`) the copy is
+    in their layout, column blocks of 16 outputs (`blocks`); otherwise it is in oneDNN's
+    blocked layout (`blocked`), which oneDNN, also inside PyTorch, runs 2x faster than MKL.
+    The copy doubles the memory of the matrices. It is used only while the original is
+    unchanged: replacing or editing the weight in place makes `linear` fall back to
+    F.linear, so a stale copy can never give wrong results.
     """
 
     MAX_ROWS = 64  # larger inputs (prefill) are compute-bound: MKL's gemm does well there
@@ -44,11 +46,18 @@ class PackedWeight:
     def __init__(self, weight: torch.Tensor):
         self.source = weight
         self.version = weight._version
-        self.blocked = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 16)  # hint: 16 rows
-        self.skinny = cpu_kernels.skinny_matmul_kernel() if weight.is_contiguous() else None
+        self.kernels = cpu_kernels.kernels() if weight.is_contiguous() else None
+        self.blocks = self.kernels.pack_weight(weight.detach()) if self.kernels else None  # (out/16, in, 16)
+        self.blocked = None if self.kernels else torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 16)
+
+    def current(self, weight: torch.Tensor) -> bool:
+        """True while `weight` is the very tensor that was copied, unchanged since."""
+        return weight is self.source and weight._version == self.version
 
     def fits(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
-        return (weight is self.source and weight._version == self.version and x.dtype == weight.dtype
+        """A current copy, a small input, and no gradient wanted (the kernels have none)."""
+        wants_grad = torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)
+        return (self.current(weight) and not wants_grad and x.dtype == weight.dtype
                 and x.numel() <= self.MAX_ROWS * x.shape[-1])
 
     @staticmethod
@@ -59,17 +68,17 @@ class PackedWeight:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            packed: PackedWeight | None = None) -> torch.Tensor:
-    """y = x W^T + b. With a valid packed copy of W and a small x (decoding): 1-4 rows go
-    through the compiled kernel of `cpu_kernels.py` when it is built, up to 64 rows
-    through oneDNN; anything else through F.linear."""
+    """y = x W^T + b. With a current packed copy of W and at most 64 rows in x (decoding):
+    the compiled kernel of `cpu_kernels.py` where built, oneDNN otherwise; anything else
+    through F.linear."""
     if packed is None or not packed.fits(x, weight):
         return F.linear(x, weight, bias)
+    if packed.blocks is None:
+        return torch.ops.mkldnn._linear_pointwise(x, packed.blocked, bias, "none", [], "")
     rows = x.numel() // x.shape[-1]
-    if rows <= cpu_kernels.MAX_ROWS and packed.skinny is not None:
-        y = packed.skinny(x.reshape(rows, x.shape[-1]).contiguous(), weight)  # (rows, out)
-        y = y.view(*x.shape[:-1], weight.shape[0])
-        return y if bias is None else y + bias
-    return torch.ops.mkldnn._linear_pointwise(x, packed.blocked, bias, "none", [], "")
+    y = packed.kernels.packed_linear(x.reshape(rows, x.shape[-1]).contiguous(), packed.blocks, weight.shape[0])
+    y = y.view(*x.shape[:-1], weight.shape[0])
+    return y if bias is None else y + bias
 
 
 class Linear(nn.Linear):
@@ -331,6 +340,9 @@ class Transformer(nn.Module):
             raise ValueError(f"{start + T} tokens exceed the model's context of {self.config.max_seq_len}")
         if positions is None:
             positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+        plan = fused_decode.plan_for(self) if T == 1 and exit_layer is None else None
+        if plan is not None:
+            return fused_decode.forward(self, plan, input_ids, start, positions, key_valid)  # same math, compiled
         x = self.tok_embeddings(input_ids)  # (B, T, d_model)
         rope = None
         if self.config.pos_encoding == "learned":
@@ -346,7 +358,11 @@ class Transformer(nn.Module):
             x = layer(x, rope, start, mask)
         if last_only:
             x = x[:, -1:]
-        x = self.norm(x)
+        return self.head(self.norm(x))
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """float32 logits from final-normed hidden states: the LM head, or the embedding
+        matrix when tied."""
         if not self.config.tie_embeddings:
             return self.lm_head(x).float()
         return linear(x, self.tok_embeddings.weight, packed=self.tied_head_packed).float()

@@ -1,48 +1,229 @@
-"""The compiled decode matmul kernel: same numbers as F.linear, and a clean fallback."""
+"""The compiled decode kernels: the same numbers as the PyTorch path, taken only where
+they compute what the modules would, and a clean fallback."""
 
 import pytest
 import torch
 
-from reference_engine import cpu_kernels
+from reference_engine import cpu_kernels, fused_decode
+from reference_engine.generate import generate, pad_left
 from reference_engine.model import PackedWeight, linear
+from tiny_gguf import random_model
 
 
 @pytest.fixture(scope="module")
-def skinny():
-    kernel = cpu_kernels.skinny_matmul_kernel(build=True)  # CI's set-up has built it already
-    assert kernel is not None, cpu_kernels.status()
-    return kernel
+def kernels():
+    built = cpu_kernels.kernels(build=True)  # CI's set-up has built them already
+    assert built is not None, cpu_kernels.status()
+    return built
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4])
-@pytest.mark.parametrize("n_out,n_in", [(48, 32), (7, 37), (576, 1536), (1, 16)])
-def test_kernel_equals_f_linear(skinny, rows, n_out, n_in):
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 13, 16, 17, 64])
+@pytest.mark.parametrize("n_out,n_in", [(48, 32), (7, 37), (576, 1536), (1, 16), (50, 3)])
+def test_packed_linear_equals_f_linear(kernels, rows, n_out, n_in):
     torch.manual_seed(rows)
     x, w = torch.randn(rows, n_in), torch.randn(n_out, n_in)
-    torch.testing.assert_close(skinny(x, w), torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-4)
+    y = kernels.packed_linear(x, kernels.pack_weight(w), n_out)
+    exact = (x.double() @ w.double().T).float()  # float32 sums of n_in terms drift like sqrt(n_in)
+    torch.testing.assert_close(y, exact, rtol=1e-5, atol=2e-5 * n_in ** 0.5)
 
 
-def test_kernel_rejects_what_it_was_not_written_for(skinny):
-    with pytest.raises(RuntimeError, match="1 to 4 rows"):
-        skinny(torch.randn(5, 16), torch.randn(8, 16))
+def test_kernels_reject_what_they_were_not_written_for(kernels):
+    with pytest.raises(RuntimeError, match="shapes do not match"):
+        kernels.packed_linear(torch.randn(2, 16), kernels.pack_weight(torch.randn(8, 17)), 8)
     with pytest.raises(RuntimeError, match="float32"):
-        skinny(torch.randn(1, 16, dtype=torch.float64), torch.randn(8, 16, dtype=torch.float64))
+        kernels.pack_weight(torch.randn(8, 16, dtype=torch.float64))
 
 
-def test_linear_sends_decode_rows_through_the_kernel(skinny, monkeypatch):
+def test_linear_sends_up_to_64_rows_through_the_kernel(kernels, monkeypatch):
     w, b = torch.randn(24, 16), torch.randn(24)
     packed = PackedWeight(w)
+    assert packed.blocks is not None and packed.blocked is None, "one copy of the weight, not two"
     calls = []
-    packed.skinny = lambda x, weight: calls.append(x.shape) or skinny(x, weight)
+
+    class Spy:
+        def packed_linear(self, x, blocks, n_out):
+            calls.append(tuple(x.shape))
+            return kernels.packed_linear(x, blocks, n_out)
+
+    packed.kernels = Spy()
     x = torch.randn(2, 1, 16)  # two sequences, one new token each
     torch.testing.assert_close(linear(x, w, b, packed), torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    linear(torch.randn(65, 16), w, b, packed)  # 65 rows: MKL's gemm
     assert calls == [(2, 16)]
-    linear(torch.randn(8, 16), w, b, packed)  # 8 rows: oneDNN, not the kernel
-    assert len(calls) == 1
 
 
-def test_turned_off_kernel_reports_why(monkeypatch):
+def test_turned_off_kernels_report_why(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "_loaded", None)
     monkeypatch.setenv("DOJO_KERNELS", "0")
-    assert cpu_kernels.skinny_matmul_kernel() is None
+    assert cpu_kernels.kernels() is None
     assert "DOJO_KERNELS=0" in cpu_kernels.status()
+    packed = PackedWeight(torch.randn(24, 16))
+    assert packed.blocks is None and packed.blocked is not None, "oneDNN's layout without the kernels"
+
+
+# -- the fused decode step --------------------------------------------------------------
+
+
+def packed_llama(preset="tiny", **overrides):
+    model = random_model(preset, seed=3, **overrides).float()
+    assert model.pack_for_cpu()
+    return model
+
+
+class CountingKernels:
+    """The compiled module, counting calls of the fused block."""
+
+    def __init__(self, real):
+        self.real, self.blocks = real, 0
+
+    def llama_block_decode(self, *args):
+        self.blocks += 1
+        return self.real.llama_block_decode(*args)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+@pytest.fixture
+def counting(kernels, monkeypatch):
+    spy = CountingKernels(kernels)
+    monkeypatch.setattr(cpu_kernels, "_loaded", spy)
+    return spy
+
+
+def decode_logits(model, prompts, steps=5):
+    """Logits of a left-padded batch at every decode step, greedy."""
+    ids, valid, positions = pad_left(prompts)
+    B, T = ids.shape
+    key_valid = torch.ones(B, T + steps, dtype=torch.bool)
+    key_valid[:, :T] = valid
+    padded = not bool(valid.all())
+    model.setup_cache(B, T + steps)
+    out = []
+    with torch.inference_mode():
+        logits = model(ids, positions=positions, key_valid=key_valid if padded else None)[:, -1]
+        pos = positions[:, -1:] + 1
+        for step in range(steps):
+            token = logits.argmax(-1)
+            logits = model(token[:, None], start=T + step, positions=pos + step,
+                           key_valid=key_valid if padded else None)[:, -1]
+            out.append(logits)
+    model.clear_cache()
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("preset,overrides", [("tiny", {}), ("tiny-mha", {}), ("tiny", {"rope_layout": "adjacent"})])
+@pytest.mark.parametrize("prompts", [[[5, 9, 2, 7]], [[5, 9, 2, 7, 1, 4], [8, 3], [6, 6, 6, 1]]])
+def test_fused_decode_equals_the_modules(counting, monkeypatch, preset, overrides, prompts):
+    model = packed_llama(preset, **overrides)
+    fused = decode_logits(model, prompts)
+    assert counting.blocks == 5 * model.config.n_layers, "every decode step ran the fused blocks"
+    monkeypatch.setattr(fused_decode, "plan_for", lambda model: None)
+    modules = decode_logits(model, prompts)
+    assert counting.blocks == 5 * model.config.n_layers
+    torch.testing.assert_close(fused, modules, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_generation_equals_the_modules(counting, monkeypatch):
+    model = packed_llama()
+    prompts = [[5, 9, 2, 7, 1], [8, 3]]
+    fused = generate(model, prompts, max_new_tokens=12)
+    assert counting.blocks > 0
+    monkeypatch.setattr(fused_decode, "plan_for", lambda model: None)
+    assert generate(model, prompts, max_new_tokens=12).tokens == fused.tokens
+
+
+def swap_attention(model):
+    calls = []
+
+    def mine(q, k, v, mask, is_causal):
+        calls.append(q.shape)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                                                enable_gqa=True)
+
+    model.set_attention(mine)
+    return calls
+
+
+class ListCache:
+    def __init__(self, batch_size, n_kv_heads, max_seq_len, head_dim):
+        self.max_seq_len, self.k, self.v = max_seq_len, None, None
+
+    def update(self, start, k, v):
+        self.k = k if self.k is None else torch.cat([self.k[:, :, :start], k], 2)
+        self.v = v if self.v is None else torch.cat([self.v[:, :, :start], v], 2)
+        return self.k, self.v
+
+
+def register_hook(model):
+    calls = []
+    model.layers[1].mlp.register_forward_hook(lambda module, args, out: calls.append(out.shape))
+    return calls
+
+
+@pytest.mark.parametrize("change", ["attention function", "cache class", "paged cache", "forward hook",
+                                    "weight edited", "autograd"])
+def test_anything_swapped_in_runs_instead_of_the_fused_step(counting, change):
+    """A learner's attention, cache or hook must run: the fused step would bypass it."""
+    model = packed_llama()
+    seen = []
+    if change == "attention function":
+        seen = swap_attention(model)
+    elif change == "cache class":
+        model.set_kv_cache(ListCache)
+    elif change == "paged cache":
+        model.set_kv_cache("paged")
+    elif change == "forward hook":
+        seen = register_hook(model)
+    elif change == "weight edited":
+        with torch.no_grad():
+            model.layers[0].mlp.w2.weight.mul_(0.5)
+    ids = torch.tensor([[5, 9, 2, 7]])
+    if change == "autograd":
+        model.setup_cache(1, 8)
+        model(ids)
+        model(torch.tensor([[3]]), start=4).sum().backward()
+        assert model.layers[0].mlp.w2.weight.grad is not None
+    else:
+        generate(model, ids.tolist(), max_new_tokens=4)
+    assert counting.blocks == 0
+    if change in ("attention function", "forward hook"):
+        assert len(seen) == 4 * (model.config.n_layers if change == "attention function" else 1)
+
+
+def test_fused_step_is_only_for_the_llama_family(counting):
+    model = random_model("tiny-gpt2", seed=3).float()
+    assert model.pack_for_cpu()
+    generate(model, [[5, 9, 2]], max_new_tokens=3)
+    assert counting.blocks == 0
+
+
+def test_a_change_between_steps_is_seen_at_the_next_step(counting, monkeypatch):
+    """The fused step's plan is gathered once; a hook, a new attention function or a
+    reordered cache between two steps must still be honoured at the very next step."""
+    model = packed_llama()
+    n = model.config.n_layers
+
+    def steps(model):
+        model.setup_cache(2, 16)
+        out, hooked = [], []
+        with torch.inference_mode():
+            model(torch.tensor([[5, 9, 2, 7], [1, 2, 3, 4]]))
+            out.append(model(torch.tensor([[3], [8]]), start=4))
+            handle = model.layers[1].register_forward_hook(lambda mod, args, y: hooked.append(y.shape))
+            out.append(model(torch.tensor([[4], [4]]), start=5))
+            handle.remove()
+            out.append(model(torch.tensor([[6], [1]]), start=6))
+            model.reorder_cache(torch.tensor([1, 1]))  # beam search: both rows become row 1
+            out.append(model(torch.tensor([[2], [2]]), start=7))
+            calls = swap_attention(model)
+            out.append(model(torch.tensor([[7], [7]]), start=8))
+        model.set_attention("sdpa")
+        model.clear_cache()
+        return torch.cat(out, 1), len(hooked), len(calls)
+
+    fused, hooked, calls = steps(model)
+    assert (hooked, calls) == (1, n)
+    assert counting.blocks == 3 * n, "fused at steps 1, 3 and 4; the modules at steps 2 and 5"
+    monkeypatch.setattr(fused_decode, "plan_for", lambda model: None)
+    torch.testing.assert_close(fused, steps(model)[0], rtol=1e-4, atol=1e-4)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from reference_engine import cpu_kernels
 from reference_engine.attention import attention, sdpa_math
 from reference_engine.generate import pad_left
 from reference_engine.model import PackedWeight, linear
@@ -59,15 +60,27 @@ def test_fast_attention_matches_the_formula(T, L, H, KV):
     torch.testing.assert_close(attention(q, k, v, None, is_causal=T > 1), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.fixture(params=["compiled", "oneDNN"])
+def packed_layout(request, monkeypatch):
+    """PackedWeight in the compiled kernels' layout (built by set-up) or, without them, oneDNN's."""
+    if request.param == "oneDNN":
+        monkeypatch.setattr(cpu_kernels, "_loaded", None)
+        monkeypatch.setenv("DOJO_KERNELS", "0")
+    else:
+        assert cpu_kernels.kernels(build=True) is not None, cpu_kernels.status()
+    return request.param
+
+
 @pytest.mark.parametrize("rows", [1, 3, 16, 64, 65])
-def test_packed_linear_equals_f_linear(rows):
+def test_packed_linear_equals_f_linear(rows, packed_layout):
     w, b, x = torch.randn(48, 32), torch.randn(48), torch.randn(rows, 32)
     packed = PackedWeight(w)
+    assert (packed.blocks is not None) == (packed_layout == "compiled")
     torch.testing.assert_close(linear(x, w, b, packed), torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(linear(x[:, None], w, None, packed), (x @ w.T)[:, None], rtol=1e-5, atol=1e-5)
 
 
-def test_a_stale_packed_copy_is_never_used():
+def test_a_stale_packed_copy_is_never_used(packed_layout):
     w, x = torch.randn(48, 32), torch.randn(2, 32)
     packed = PackedWeight(w)
     with torch.no_grad():
@@ -77,7 +90,7 @@ def test_a_stale_packed_copy_is_never_used():
     torch.testing.assert_close(linear(x, other, None, packed), x @ other.T)
 
 
-def test_packed_model_gives_the_same_logits(tiny):
+def test_packed_model_gives_the_same_logits(tiny, packed_layout):
     ids = torch.randint(0, 300, (3, 6))
     plain = tiny(ids)
     assert tiny.pack_for_cpu()

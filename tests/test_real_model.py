@@ -4,6 +4,7 @@ from dataclasses import replace
 
 import torch
 
+from reference_engine import fused_decode
 from reference_engine.cli import stop_ids
 from reference_engine.generate import generate
 from reference_engine.perplexity import perplexity
@@ -28,12 +29,13 @@ def test_logits_match_hf_transformers_reading_the_same_file(smollm64, hf_model):
 
 
 def test_float32_decoding_stays_close_to_float64(smollm, smollm64):
-    """The default model (float32, oneDNN-blocked weights while decoding) only adds rounding."""
+    """The default model (float32, packed weights and fused blocks while decoding) only adds rounding."""
     ids = torch.tensor([smollm[1].encode(PROMPTS[3])])
     with torch.inference_mode():
         exact = smollm64[0](ids)
         model = smollm[0]
         model.setup_cache(1, ids.shape[1])
+        assert fused_decode.plan_for(model) is not None, "the decode steps below run the compiled blocks"
         steps = [model(ids[:, :4])] + [model(ids[:, t:t + 1], start=t) for t in range(4, ids.shape[1])]
         model.clear_cache()
     torch.testing.assert_close(torch.cat(steps, dim=1), exact, rtol=0, atol=5e-4)

@@ -1,0 +1,122 @@
+"""Decoding one token per row with compiled Llama blocks (`csrc/decode_kernels.cpp`).
+
+A decode step at batch 1 does little arithmetic: its time is the time to read the weights
+(about 17 ms for SmolLM2's 538 MB here) plus the cost of launching every small operator
+around the matmuls. The PyTorch path of `model.py` launches about 35 of them per block,
+over 1000 per token, which adds 5-7 ms of Python and dispatch to each token. This path
+runs each block as one C++ call (`llama_block_decode`: the math of `Block.forward` for one
+token per row) and leaves only the embedding lookup, the final norm and the head to
+PyTorch.
+
+It is taken only where it computes what the modules would (`applies`): the kernels are
+built; the model is a float32 Llama-family model on the CPU; the weights are the ones
+packed (not edited since); and nothing was swapped in: every block, attention, MLP and norm
+is the engine's own class with no hooks, attention is the configured implementation, the
+cache is the engine's static `KVCache`. A learner's attention function, cache class or
+forward hook therefore always runs. No gradients flow through it, so it is also skipped
+while autograd records.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import cpu_kernels
+from . import model as m
+from .attention import ATTENTION_IMPLS
+from .kv_cache import KVCache
+
+_OWN_MODULES = {"attn_norm": "RMSNorm", "attn": "Attention", "ffn_norm": "RMSNorm", "mlp": "MLP"}
+
+
+def applies(model: "m.Transformer") -> bool:
+    """True when `forward` below gives the same logits as the modules for a T = 1 step."""
+    c = model.config
+    if cpu_kernels._loaded is None or torch.is_grad_enabled() or _global_hooks():
+        return False
+    if (c.norm, c.pos_encoding, c.mlp, c.bias, c.kv_cache) != ("rmsnorm", "rope", "swiglu", False, "static"):
+        return False
+    if model.tok_embeddings.weight.dtype != torch.float32 or model.cache_class is not KVCache:
+        return False
+    attend = ATTENTION_IMPLS[c.attn_impl]
+    return all(_own_block(layer, attend) for layer in model.layers)
+
+
+def _global_hooks() -> bool:
+    return bool(torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks)
+
+
+def _hooked(module: torch.nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _own_block(layer, attend) -> bool:
+    if type(layer) is not m.Block or _hooked(layer):
+        return False
+    for name, cls in _OWN_MODULES.items():
+        part = getattr(layer, name)
+        if type(part) is not getattr(m, cls) or _hooked(part):
+            return False
+    attn, mlp = layer.attn, layer.mlp
+    if attn.attend is not attend or type(attn.kv_cache) is not KVCache:
+        return False
+    return all(type(lin) is m.Linear and not _hooked(lin) and lin.packed is not None
+               and lin.packed.blocks is not None and lin.packed.current(lin.weight)
+               for lin in (attn.wqkv, attn.wo, mlp.w13, mlp.w2))
+
+
+class Plan:
+    """The fused step's arguments for every block, gathered once (`applies` walks ~300
+    attributes: 0.7 ms, as long as 4% of a step), and a cheap test that they still hold:
+    every object they were read from is still in place, unhooked, and unedited."""
+
+    def __init__(self, model: "m.Transformer"):
+        self.watch = [(model.__dict__, "config", model.config), (model._modules, "layers", model.layers)]
+        self.modules, self.packed, self.blocks = [], [], []
+        for i, layer in enumerate(model.layers):
+            attn, mlp, cache = layer.attn, layer.mlp, layer.attn.kv_cache
+            linears = (attn.wqkv, attn.wo, mlp.w13, mlp.w2)
+            self.watch += [(model.layers._modules, str(i), layer), (attn.__dict__, "attend", attn.attend),
+                           (attn.__dict__, "kv_cache", cache), (cache._buffers, "k_cache", cache.k_cache),
+                           (cache._buffers, "v_cache", cache.v_cache), (mlp._modules, "w13", mlp.w13),
+                           (mlp._modules, "w2", mlp.w2), (attn._modules, "wqkv", attn.wqkv),
+                           (attn._modules, "wo", attn.wo)]
+            self.watch += [(layer._modules, name, getattr(layer, name)) for name in _OWN_MODULES]
+            self.watch += [(part._parameters, "weight", part.weight)
+                           for part in (layer.attn_norm, layer.ffn_norm, *linears)]
+            self.modules += [layer, layer.attn_norm, attn, layer.ffn_norm, mlp, *linears]
+            self.packed += [lin.packed for lin in linears]
+            self.blocks.append((layer.attn_norm.weight, layer.ffn_norm.weight, layer.attn_norm.eps,
+                                *(lin.packed.blocks for lin in linears), cache.k_cache, cache.v_cache,
+                                attn.n_heads, attn.rope_layout == "adjacent"))
+
+    def holds(self) -> bool:
+        return (cpu_kernels._loaded is not None and not torch.is_grad_enabled() and not _global_hooks()
+                and all(where.get(key) is value for where, key, value in self.watch)
+                and not any(_hooked(module) for module in self.modules)
+                and all(p.source._version == p.version for p in self.packed))
+
+
+def plan_for(model: "m.Transformer") -> Plan | None:
+    """The model's plan, made or remade where needed; None where the fused step does not apply."""
+    plan = model.__dict__.get("_fused_plan")
+    if plan is not None and plan.holds():
+        return plan
+    model.__dict__["_fused_plan"] = plan = Plan(model) if applies(model) else None
+    return plan
+
+
+def forward(model: "m.Transformer", plan: Plan, input_ids: torch.Tensor, start: int, positions: torch.Tensor,
+            key_valid: torch.Tensor | None) -> torch.Tensor:
+    """input_ids (B, 1) into cache slot `start`; positions (B, 1); key_valid (B, >= start+1)
+    bool or None. Returns float32 logits (B, 1, vocab)."""
+    kernels = cpu_kernels._loaded
+    x = model.tok_embeddings(input_ids[:, 0]).contiguous()  # (B, d_model), updated in place
+    cos = model.rope_cos[positions[:, 0]].contiguous()  # (B, head_dim)
+    sin = model.rope_sin[positions[:, 0]].contiguous()
+    valid = (torch.empty(0, dtype=torch.bool) if key_valid is None
+             else key_valid[:, : start + 1].contiguous())
+    for (attn_norm, ffn_norm, eps, wqkv, wo, w13, w2, k_cache, v_cache, n_heads, adjacent) in plan.blocks:
+        kernels.llama_block_decode(x, attn_norm, ffn_norm, eps, wqkv, wo, w13, w2, k_cache, v_cache, start,
+                                   cos, sin, valid, n_heads, adjacent)
+    return model.head(model.norm(x[:, None]))
