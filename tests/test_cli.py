@@ -112,6 +112,20 @@ def test_bench_json_has_the_promised_keys(tiny_file):
         assert report[key] > 0, key
 
 
+def test_hf_baseline_is_timed_in_rounds_paired_with_the_engine(monkeypatch):
+    from reference_engine import bench
+
+    engine_rates = iter([30.0, 40.0, 50.0])  # the engine's tokens/s in rounds 1-3
+    # HF's run times: a warm-up, then per round time(1 + 4 tokens) and time(1 token):
+    # 4 decode tokens in 0.4 s, 0.2 s and 0.8 s, that is 10, 20 and 5 tokens/s
+    hf_times = iter([0.1, 0.5, 0.1, 0.3, 0.1, 0.9, 0.1])
+    monkeypatch.setattr(bench, "bench_decode", lambda model, prompts, n, repeats: next(engine_rates))
+    monkeypatch.setattr(bench, "_timed", lambda fn: next(hf_times))
+    result = bench.bench_hf_decode(tiny_llama(), [5, 6, 7, 8], new_tokens=4)
+    assert result["hf_decode_tok_s"] == pytest.approx(10.0)  # median of 10, 20, 5
+    assert result["speedup_vs_hf"] == pytest.approx(3.0)  # median of 30/10, 40/20, 50/5
+
+
 def test_perplexity_command(tiny_file):
     result = run_cli("perplexity", "--model", tiny_file, "--windows", "1")
     assert result.returncode == 0, result.stderr
