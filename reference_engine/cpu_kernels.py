@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "decode_kernels.cpp"
-MAX_ROWS = 64  # packed_linear serves up to this many rows; more (prefill) is MKL's gemm
 
 _loaded = None  # the compiled module, once loaded
 _error: str | None = None  # why it is not available, for `bench`

@@ -9,6 +9,8 @@ every kernel launch costs microseconds of Python and dispatch:
   - Q, K and V are one matmul (`wqkv`), their rows stacked [Q; K; V];
   - the SwiGLU gate and up projections are one matmul (`w13`), rows stacked [gate; up].
 The math is unchanged: a stacked matmul is the same dot products, done in one call.
+Where the compiled kernels are built, a decode step of a Llama-family model goes further
+and runs each block as one C++ call (`fused_decode.py`, chosen once per forward).
 """
 
 from __future__ import annotations

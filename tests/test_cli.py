@@ -124,6 +124,7 @@ def test_hf_baseline_is_timed_in_rounds_paired_with_the_engine(monkeypatch):
     result = bench.bench_hf_decode(tiny_llama(), [5, 6, 7, 8], new_tokens=4)
     assert result["hf_decode_tok_s"] == pytest.approx(10.0)  # median of 10, 20, 5
     assert result["speedup_vs_hf"] == pytest.approx(3.0)  # median of 30/10, 40/20, 50/5
+    assert result["engine_paired_tok_s"] == pytest.approx(40.0)
 
 
 def test_perplexity_command(tiny_file):

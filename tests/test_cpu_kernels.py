@@ -64,6 +64,21 @@ def test_turned_off_kernels_report_why(monkeypatch):
 # -- the fused decode step --------------------------------------------------------------
 
 
+def test_fused_block_rejects_mismatched_weights(kernels):
+    model = packed_llama()
+    model.setup_cache(1, 8)
+    layer = model.layers[0]
+    plan = list(fused_decode.Plan(model).blocks[0])
+    cos, sin = model.rope_cos[:1].contiguous(), model.rope_sin[:1].contiguous()
+    none = torch.empty(0, dtype=torch.bool)
+    with torch.inference_mode():
+        kernels.llama_block_decode(torch.randn(1, 64), *plan[:7], *plan[7:9], 0, cos, sin, none, *plan[9:])
+        plan[4], plan[6] = plan[6], plan[4]  # wo and w2 swapped: both give d_model outputs, from other inputs
+        with pytest.raises(RuntimeError, match="inconsistent shapes"):
+            kernels.llama_block_decode(torch.randn(1, 64), *plan[:7], *plan[7:9], 0, cos, sin, none, *plan[9:])
+    assert layer.attn.kv_cache.k_cache[0, :, 0].abs().sum() > 0, "the first call wrote slot 0"
+
+
 def packed_llama(preset="tiny", **overrides):
     model = random_model(preset, seed=3, **overrides).float()
     assert model.pack_for_cpu()

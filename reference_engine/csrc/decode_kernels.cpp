@@ -187,11 +187,19 @@ void llama_block_decode(torch::Tensor x, const torch::Tensor& attn_norm, const t
                         const torch::Tensor& w2, torch::Tensor k_cache, torch::Tensor v_cache, int64_t slot,
                         const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& key_valid,
                         int64_t n_heads, bool adjacent) {
-  for (const torch::Tensor* t : std::initializer_list<const torch::Tensor*>{&x, &attn_norm, &ffn_norm, &wqkv, &wo, &w13, &w2, &k_cache, &v_cache, &cos, &sin})
-    check_float_cpu(*t, "llama_block_decode: every tensor");
+  const std::initializer_list<const torch::Tensor*> all = {&x, &attn_norm, &ffn_norm, &wqkv, &wo, &w13,
+                                                            &w2, &k_cache, &v_cache, &cos, &sin};
+  for (const torch::Tensor* t : all) check_float_cpu(*t, "llama_block_decode: every tensor");
   const int64_t B = x.size(0), d = x.size(1), KV = k_cache.size(1), L = k_cache.size(2), D = k_cache.size(3);
   const int64_t H = n_heads, F = w2.size(1), group = H / KV;
-  TORCH_CHECK(H % KV == 0 && D <= 512 && slot < L && k_cache.size(0) >= B && cos.size(0) == B && cos.size(1) == D,
+  // a packed weight (blocks, n_in, 16) must take n_in inputs and give at least n_out outputs
+  auto fits = [](const torch::Tensor& w, int64_t n_in, int64_t n_out) {
+    return w.dim() == 3 && w.size(1) == n_in && w.size(0) * kLanes >= n_out;
+  };
+  TORCH_CHECK(x.dim() == 2 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() && H % KV == 0 && D <= 512 &&
+                  slot < L && k_cache.size(0) >= B && cos.size(0) == B && cos.size(1) == D && sin.sizes() == cos.sizes() &&
+                  attn_norm.numel() == d && ffn_norm.numel() == d && fits(wqkv, d, (H + 2 * KV) * D) &&
+                  fits(wo, H * D, d) && fits(w13, d, 2 * F) && fits(w2, F, d),
               "llama_block_decode: inconsistent shapes");
   const bool masked = key_valid.defined() && key_valid.numel() > 0;
   TORCH_CHECK(!masked || (key_valid.scalar_type() == torch::kBool && key_valid.size(0) == B &&
@@ -255,8 +263,8 @@ void llama_block_decode(torch::Tensor x, const torch::Tensor& attn_norm, const t
   // MLP: norm, [gate; up], silu(gate) * up, down
   rms_norm(px, ffn_norm.data_ptr<float>(), eps, B, d, h.data());
   matmul(h.data(), B, d, w13.data_ptr<float>(), w13.size(0), up.data(), 2 * F);
-  // ATen's silu: vectorised exp, several threads (a scalar loop here cost ~0.2 ms per
-  // block at batch 16, a quarter of the step)
+  // ATen's silu: a vectorised exp on several threads (a scalar loop here cost several
+  // milliseconds per step at batch 16)
   auto gate_up = torch::from_blob(up.data(), {B, 2 * F}, x.options());
   auto act = (at::silu(gate_up.narrow(1, 0, F)) * gate_up.narrow(1, F, F)).contiguous();
   matmul(act.data_ptr<float>(), B, F, w2.data_ptr<float>(), w2.size(0), out.data(), d);
