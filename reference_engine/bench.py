@@ -22,11 +22,15 @@ from .generate import generate
 from .perplexity import reference_text
 
 
-def read_bandwidth(n_bytes: int = 512 << 20, repeats: int = 7, buf: torch.Tensor | None = None) -> float:
-    """Bytes/s for streaming a buffer larger than any cache (best of `repeats` sums)."""
-    if buf is None:
-        buf = torch.ones(n_bytes // 4)  # ones, not empty: untouched pages would read as free
-        buf.sum()
+def bandwidth_buffer(n_bytes: int = 512 << 20) -> torch.Tensor:
+    """A float32 buffer larger than any cache, every page already touched."""
+    buf = torch.ones(n_bytes // 4)  # ones, not empty: untouched pages would read as free
+    buf.sum()
+    return buf
+
+
+def read_bandwidth(buf: torch.Tensor, repeats: int = 7) -> float:
+    """Bytes/s for streaming `buf` (best of `repeats` sums)."""
     best = min(_timed(buf.sum) for _ in range(repeats))
     return buf.numel() * buf.element_size() / best
 
@@ -67,14 +71,12 @@ def bench_decode_and_bandwidth(model, prompt: list[int], new_tokens: int, repeat
     reading right before each decode run), so that each fraction of the bound compares two
     figures taken under the same load: on a shared machine the bandwidth alone has been
     seen to move between 30 and 60 GB/s from one minute to the next. Medians of the rounds."""
-    buf = torch.ones((512 << 20) // 4)
-    buf.sum()
+    buf = bandwidth_buffer()
     per_token = weight_bytes_per_token(model)
     rounds = []
     for _ in range(repeats):
-        bandwidth = read_bandwidth(repeats=3, buf=buf)
-        g = generate(model, [prompt], max_new_tokens=new_tokens)
-        rate = g.decode_steps / g.decode_s
+        bandwidth = read_bandwidth(buf, repeats=3)
+        rate = bench_decode(model, [prompt], new_tokens, repeats=1)
         rounds.append((rate, bandwidth, rate * per_token / bandwidth))
     rate, bandwidth, fraction = (statistics.median(r[i] for r in rounds) for i in range(3))
     return {"decode_tok_s": rate, "read_bandwidth_gb_s": bandwidth / 1e9, "weight_mb_per_token": per_token / 1e6,

@@ -34,9 +34,9 @@ def applies(model: "m.Transformer") -> bool:
     c = model.config
     if cpu_kernels._loaded is None or torch.is_grad_enabled() or _global_hooks():
         return False
-    if (c.norm, c.pos_encoding, c.mlp, c.bias, c.kv_cache) != ("rmsnorm", "rope", "swiglu", False, "static"):
+    if (c.norm, c.pos_encoding, c.mlp, c.bias) != ("rmsnorm", "rope", "swiglu", False):
         return False
-    if model.tok_embeddings.weight.dtype != torch.float32 or model.cache_class is not KVCache:
+    if model.tok_embeddings.weight.dtype != torch.float32:
         return False
     attend = ATTENTION_IMPLS[c.attn_impl]
     return all(_own_block(layer, attend) for layer in model.layers)

@@ -7,6 +7,7 @@ import torch
 from reference_engine import cpu_kernels, fused_decode
 from reference_engine.generate import generate, pad_left
 from reference_engine.model import PackedWeight, linear
+from test_decoding import ListCache  # a learner-style cache class
 from tiny_gguf import random_model
 
 
@@ -158,16 +159,6 @@ def swap_attention(model):
 
     model.set_attention(mine)
     return calls
-
-
-class ListCache:
-    def __init__(self, batch_size, n_kv_heads, max_seq_len, head_dim):
-        self.max_seq_len, self.k, self.v = max_seq_len, None, None
-
-    def update(self, start, k, v):
-        self.k = k if self.k is None else torch.cat([self.k[:, :, :start], k], 2)
-        self.v = v if self.v is None else torch.cat([self.v[:, :, :start], v], 2)
-        return self.k, self.v
 
 
 def register_hook(model):
