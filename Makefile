@@ -2,10 +2,14 @@
 #               make test   (set up, then run the whole test suite)
 PY := .venv/bin/python
 
-.PHONY: setup demo test bench exercises book clean
+.PHONY: setup browser demo test bench exercises book clean
 
 setup:
 	@bash scripts/setup.sh
+
+# Only the tests need a browser (the book's test opens its pages in chromium).
+browser:
+	@bash scripts/browser.sh
 
 demo: setup
 	$(PY) -m reference_engine demo
@@ -13,7 +17,7 @@ demo: setup
 # Two passes: the tests that time things (speed decisions, the lessons) run alone, then the
 # rest on two workers with one thread each, so that the two never fight over the 2 cores
 # (`pytest` with no options runs everything in one process).
-test: setup
+test: setup browser
 	$(PY) -m pytest -m serial
 	OMP_NUM_THREADS=1 $(PY) -m pytest -m "not serial" -n 2
 

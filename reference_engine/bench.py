@@ -41,6 +41,24 @@ def weight_bytes_per_token(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+# Decode at batch 1 reaches 30-90% of the bandwidth bound here, whichever path runs (the
+# PyTorch one included); far below that, something else had the CPU or the memory (a first
+# run right after set-up wrote several GB measured 6%).
+BUSY_FRACTION = 0.2
+# Under this many bytes of weights the model sits in the CPU's caches, and the bound says nothing.
+BUSY_MIN_BYTES = 64 << 20
+
+
+def busy_note(decode_tok_s: float, bytes_per_token: int, bandwidth: float) -> str | None:
+    """One line saying the figures are not the engine's when batch-1 decode reached only a
+    small fraction of the bandwidth bound measured beside it; None when they look right."""
+    fraction = decode_tok_s * bytes_per_token / bandwidth
+    if bytes_per_token < BUSY_MIN_BYTES or fraction >= BUSY_FRACTION:
+        return None
+    return (f"note: the machine looks busy (decode reached {fraction:.0%} of the {bandwidth / bytes_per_token:.0f} "
+            f"tokens/s that {bandwidth / 1e9:.0f} GB/s allows; usually 30-90%): run again for representative figures")
+
+
 def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
@@ -160,10 +178,11 @@ def format_table(result: dict) -> str:
         ("peak memory (RSS)", f"{result['peak_memory_mb']:.0f} MB"),
         ("decode path", result["decode_path"]),
     ]
+    note = busy_note(result["decode_tok_s"], result["weight_mb_per_token"] * 1e6, result["read_bandwidth_gb_s"] * 1e9)
     if result.get("hf_decode_tok_s") is not None:
         rows.append(("HF transformers generate, batch 1", f"{result['hf_decode_tok_s']:.1f} tokens/s; the engine "
                      f"{result['engine_paired_tok_s']:.1f} in the same rounds ({result['speedup_vs_hf']:.2f}x)"))
-    return format_rows(rows)
+    return format_rows(rows) + (f"\n\n{note}" if note else "")
 
 
 def format_rows(rows: list[tuple[str, str]]) -> str:

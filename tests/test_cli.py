@@ -131,3 +131,40 @@ def test_perplexity_command(tiny_file):
     result = run_cli("perplexity", "--model", tiny_file, "--windows", "1")
     assert result.returncode == 0, result.stderr
     assert "perplexity" in result.stdout
+
+
+def test_grade_progress_goes_to_stderr_and_json_stays_one_object():
+    mutant = ROOT / "tests" / "mutants" / "ch01_attention" / "softmax_subtracts_the_mean.py"
+    result = run_cli("grade", mutant, "--task", "1.1", "--json", "--progress")
+    assert result.returncode == 1, result.stderr  # the mutant fails a check
+    report = json.loads(result.stdout)  # exactly one JSON object, nothing else
+    assert report["max_score"] > report["score"]
+    for words in ("[1/1] task 1.1", "running your code", "large_inputs", "task 1.1:", "graded in"):
+        assert words in result.stderr, result.stderr
+    quiet = run_cli("grade", mutant, "--task", "1.1", "--json")  # not a terminal: no progress
+    assert quiet.stderr == "" and json.loads(quiet.stdout)["score"] == report["score"]
+
+
+def test_busy_note_only_when_decode_is_far_below_the_bound():
+    from reference_engine.bench import busy_note
+
+    smollm_bytes, bandwidth = 538_000_000, 32e9  # bound: about 59 tokens/s
+    assert busy_note(48.0, smollm_bytes, bandwidth) is None  # 81% of the bound
+    assert busy_note(20.0, smollm_bytes, bandwidth) is None  # 34%: slow, not implausible
+    note = busy_note(3.3, smollm_bytes, bandwidth)  # 6%: what a first demo after set-up printed
+    assert note and "looks busy" in note and "run again" in note
+    assert busy_note(3.3, 1 << 20, bandwidth) is None  # a model that fits in cache says nothing
+
+
+@pytest.mark.parametrize("bandwidth,busy", [(1e15, True), (1.0, False)])
+def test_demo_says_when_the_machine_looks_busy(tiny_file, monkeypatch, capsys, bandwidth, busy):
+    """Simulated: the tiny model stands for a 538 MB one, and the bandwidth read beside the
+    decode makes its rate implausibly low (or not)."""
+    from reference_engine import bench
+
+    monkeypatch.setattr(bench, "weight_bytes_per_token", lambda model: 538_000_000)
+    monkeypatch.setattr(bench, "read_bandwidth", lambda buf, repeats=3: bandwidth)
+    monkeypatch.setattr(bench, "bandwidth_buffer", lambda: None)
+    assert main(["demo", "--model", str(tiny_file), "--prompt", "hello there"]) == 0
+    out = capsys.readouterr().out
+    assert ("looks busy" in out) == busy, out

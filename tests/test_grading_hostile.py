@@ -7,7 +7,7 @@ must keep its full marks.
 
 import pytest
 import torch
-from submissions import GOOD_SDPA, write_nb
+from submissions import GOOD_SDPA, GOOD_SOFTMAX, write_nb
 
 from reference_engine.grading.grader import grade_path
 from reference_engine.grading.sandbox import PROJECT_ROOT, run_child
@@ -134,3 +134,41 @@ def test_patched_clock_does_not_change_the_timing():
     speed = run_child(job, timeout_s=60).results["observed"]["speed"]
     ratios = sorted(c / b for c, b in zip(speed["candidate"], speed["baseline"]))
     assert ratios[len(ratios) // 2] > 1.8, ratios
+
+
+# -- a cell that never ends, in the cells every task runs ---------------------------------------
+
+ENDLESS_TOP_LEVEL = GOOD_SDPA + '''
+while True:  # at the top level of a cell: every task's child runs it
+    try:
+        pass
+    except BaseException:
+        pass
+'''
+
+
+@pytest.mark.serial  # asserts a time
+def test_an_endless_shared_cell_costs_one_time_limit(tmp_path):
+    """Chapter 1's five tasks all run this cell; before, each waited out its own limit (5x)."""
+    import time
+
+    path = write_nb(tmp_path / "01_attention.ipynb", GOOD_SOFTMAX, ENDLESS_TOP_LEVEL)
+    started = time.perf_counter()
+    report = grade_path(path, timeout_s=15)
+    elapsed = time.perf_counter() - started
+    assert elapsed < 2 * 15 + 10, f"{elapsed:.0f} s for a 15 s limit"
+    assert report.score == 0 and {r.task for r in report.results} == {"1.1", "1.2", "1.3", "1.4", "1.5"}
+    assert all("cell 3 did not finish within the time limit" in r.message for r in report.results)
+
+
+def test_a_cell_that_ends_the_process_is_named():
+    """The scan refuses `import os` in a notebook; behind it, the child still names the cell."""
+    from reference_engine.grading.grader import child_problem, unfinished_cell
+    from reference_engine.grading.source import Cell
+    from reference_engine.grading.tasks import TASKS
+
+    job = child_job("import os\nos._exit(0)")
+    run = run_child(job, timeout_s=30)
+    assert unfinished_cell(run) == 1 and not run.timed_out
+    cells = [Cell(i + 1, source) for i, source in enumerate(job["cells"])]
+    assert "ended while running cell 2" in child_problem(TASKS["1.1"], run, cells)

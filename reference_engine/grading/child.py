@@ -90,12 +90,15 @@ sys.addaudithook(audit)
 
 learner = {"__name__": "__main__"}
 for index, source in enumerate(job["cells"]):
-    status = {"error": None}
+    # saved before the cell runs: a cell that never ends, or ends the process, is named
+    status = {"error": None, "finished": False}
     results["cells"].append(status)
+    save()
     try:
         exec(compile(source, f"<cell {index + 1}>", "exec"), learner)
     except BaseException as e:  # SystemExit and KeyboardInterrupt too: the next cell still runs
         status["error"] = observer["describe_error"](e)
+    status["finished"] = True
     save()
 
 fn = learner.get(job["function"])

@@ -23,8 +23,9 @@ def test_cell_for(task_id: str) -> str:
     return "test_" + task_id.replace(".", "_")
 
 
-def grade_class(course: str | Path, assignment: str, timeout_s: float = 60.0) -> list[dict]:
-    """Grade every submission; returns one row per student and notebook with the scores written."""
+def grade_class(course: str | Path, assignment: str, timeout_s: float = 60.0, live=None) -> list[dict]:
+    """Grade every submission; returns one row per student and notebook with the scores written.
+    `live` (report.Live) shows progress per submission."""
     from nbgrader.api import Gradebook, MissingEntry
 
     course = Path(course)
@@ -41,9 +42,11 @@ def grade_class(course: str | Path, assignment: str, timeout_s: float = 60.0) ->
             gb.find_assignment(assignment)
         except MissingEntry:
             raise DojoError(f"assignment {assignment!r} is not in {db}; run nbgrader generate_assignment first") from None
-        for path in submitted:
+        for index, path in enumerate(submitted, 1):
             student, notebook = path.parents[1].name, path.stem
-            report = grade_path(path, timeout_s=timeout_s)
+            if live:
+                live.start_submission(index, len(submitted), student, path)
+            report = grade_path(path, timeout_s=timeout_s, live=live)
             gb.update_or_create_student(student)
             try:
                 gb.find_submission(assignment, student)

@@ -85,19 +85,52 @@ def _source(text: str | None) -> str | None:
     return None if text is None else inspect.cleandoc(text)
 
 
-def grade_task(task: Task, cells: list[Cell], timeout_s: float = 60.0) -> list[checks.CheckResult]:
+@dataclass
+class StoppedCell:
+    """A cell that never finished (endless, or it ended the process): every task whose
+    code runs the same cells up to it would stop there too."""
+
+    prefix: tuple[str, ...]  # the runnable cells up to and including it
+    message: str
+    memory_mb: int  # the child's memory limit: a child with more memory might get past the cell
+
+    def stops(self, runnable: list[str], memory_mb: int) -> bool:
+        return tuple(runnable[: len(self.prefix)]) == self.prefix and memory_mb <= self.memory_mb
+
+
+def grade_task(task: Task, cells: list[Cell], timeout_s: float = 60.0, stopped: list[StoppedCell] | None = None,
+               live=None) -> list[checks.CheckResult]:
+    """Every check of one task. `stopped` carries the cells that stopped an earlier task's
+    child: a task that would run the same cells fails at once with the same message,
+    instead of waiting out its own time limit. `live` (report.Live) shows progress."""
     runnable = [c.source for c in cells if c.problem is None]
+    for cell in stopped or []:
+        if cell.stops(runnable, task.memory_mb):
+            return checks.all_fail(task, cell.message)
     try:
         cases = build_cases(task)  # some tasks need the real model or its tokenizer here
     except DojoError as e:
         return checks.all_fail(task, f"cannot be graded on this machine: {e}")
     job = build_job(task, runnable, cases, timed=False)  # speed is measured only for correct code
+    if live:
+        live.stage(f"running your code on {len(cases)} cases in the sandbox")
     run = run_child(job, timeout_s=timeout_s, memory_mb=task.memory_mb)
     problem = child_problem(task, run, cells)
     if problem:
+        unfinished = unfinished_cell(run)
+        if unfinished is not None and stopped is not None:
+            memory_mb = 1 << 30 if run.timed_out else task.memory_mb  # endless whatever the memory
+            stopped.append(StoppedCell(tuple(runnable[: unfinished + 1]), problem, memory_mb))
         return checks.all_fail(task, problem)
-    return checks.judge_task(task, cases, run.results["observed"], job["same_object"],
-                             lambda round_: measure_speed(task, runnable, round_, timeout_s))
+
+    def remeasure(round_: int) -> dict | None:
+        if live:
+            live.stage("timing your function against the baseline" + (f" (round {round_ + 1})" if round_ else ""))
+        return measure_speed(task, runnable, round_, timeout_s)
+
+    if live:
+        live.stage("comparing with the reference")
+    return checks.judge_task(task, cases, run.results["observed"], job["same_object"], remeasure)
 
 
 def measure_speed(task: Task, cells: list[str], round_: int, timeout_s: float = 60.0) -> dict | None:
@@ -107,25 +140,38 @@ def measure_speed(task: Task, cells: list[str], round_: int, timeout_s: float = 
     return ((run.results or {}).get("observed") or {}).get("speed")
 
 
+def unfinished_cell(run) -> int | None:
+    """Index (among the runnable cells) of the cell the child was running when it stopped."""
+    ran = (run.results or {}).get("cells") or []
+    return len(ran) - 1 if ran and not ran[-1].get("finished", True) else None
+
+
 def child_problem(task: Task, run, cells: list[Cell]) -> str | None:
     """Why nothing (or not enough) came back from the child, in the learner's terms."""
     res = run.results
-    if res is None or res.get("observed") is None:
-        ran = [] if res is None else res["cells"]
-        errors = [f"cell {_runnable_number(cells, i)} raised {c['error']}" for i, c in enumerate(ran) if c["error"]]
-        refused = [c.problem for c in cells if c.problem]
+    if res is not None and res.get("observed") is not None:
+        return None
+    unfinished = unfinished_cell(run)
+    if unfinished is not None:
+        number = _runnable_number(cells, unfinished)
         if run.timed_out:
-            where = "while calling it" if res and res.get("found") else "while running the notebook's cells"
-            return f"did not finish within the time limit {where} (an endless loop, or far too slow?)"
-        if res is not None and not res["found"]:
-            why = "; ".join(refused + errors) or "no cell defines it"
-            return f"no function named {task.function} was found ({why})"
-        if res is not None and res.get("found"):
-            return ("the grading process ended while calling your function (os._exit, sys.exit, a crash, or "
-                    "more memory than the limit)")
-        return ("the grading process ended before reporting anything (os._exit, a crash, or more memory than "
-                "the limit in your top-level code)")
-    return None
+            return (f"cell {number} did not finish within the time limit (an endless loop, or far too slow?); "
+                    "every task runs the notebook's cells in order, so none could be graded")
+        return (f"the grading process ended while running cell {number} (os._exit, a crash, or more memory than "
+                "the limit); every task runs the notebook's cells in order, so none could be graded")
+    if run.timed_out:
+        where = "while calling it" if res and res.get("found") else "while running the notebook's cells"
+        return f"did not finish within the time limit {where} (an endless loop, or far too slow?)"
+    if res is not None and not res["found"]:
+        errors = [f"cell {_runnable_number(cells, i)} raised {c['error']}" for i, c in enumerate(res["cells"])
+                  if c["error"]]
+        why = "; ".join([c.problem for c in cells if c.problem] + errors) or "no cell defines it"
+        return f"no function named {task.function} was found ({why})"
+    if res is not None and res.get("found"):
+        return ("the grading process ended while calling your function (os._exit, sys.exit, a crash, or "
+                "more memory than the limit)")
+    return ("the grading process ended before reporting anything (os._exit, a crash, or more memory than "
+            "the limit in your top-level code)")
 
 
 def _runnable_number(cells: list[Cell], index: int) -> int:
@@ -154,8 +200,10 @@ def resolve_tasks(cells: list[Cell], path: Path, task_id: str | list[str] | None
                     f"{next(iter(CHAPTERS)).removeprefix('ch')}.ipynb) or pass --task ID")
 
 
-def grade_path(path: str | Path, task_id: str | list[str] | None = None, timeout_s: float = 60.0) -> Report:
-    """Grade the tasks of the notebook's chapter (or the task ids given) in the sandbox."""
+def grade_path(path: str | Path, task_id: str | list[str] | None = None, timeout_s: float = 60.0,
+               live=None) -> Report:
+    """Grade the tasks of the notebook's chapter (or the task ids given) in the sandbox.
+    `live` (report.Live) shows progress as tasks and checks are judged."""
     path = Path(path)
     cells = read_cells(path)
     tasks = resolve_tasks(cells, path, task_id)
@@ -163,6 +211,16 @@ def grade_path(path: str | Path, task_id: str | list[str] | None = None, timeout
     for cell in cells:
         cell.problem = scan(cell, blocked)
     report = Report(str(path), notes=[f"not run: {c.problem}" for c in cells if c.problem])
+    stopped: list[StoppedCell] = []
+    if live:
+        live.start_notebook(path, tasks)
     for task in tasks:
-        report.results += grade_task(task, cells, timeout_s)
+        if live:
+            live.start_task(task)
+        results = grade_task(task, cells, timeout_s, stopped, live)
+        if live:
+            live.end_task(task, results)
+        report.results += results
+    if live:
+        live.end_notebook(report)
     return report

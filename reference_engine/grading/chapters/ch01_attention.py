@@ -159,7 +159,7 @@ MEMORY_ARGS = [torch.randn(1, 2, T_MEMORY, 16, generator=_g) for _ in range(3)]
 HARNESS = """
     import torch
     from reference_engine.generate import generate
-    from reference_engine.grading.chapters.ch01_attention import smollm
+    from reference_engine.grading.chapters.ch01_attention import prompts_of, smollm
 
     MODEL, _ = smollm()  # in a notebook kernel: the same model the reference uses, loaded once
 
@@ -167,11 +167,12 @@ HARNESS = """
         def greedy_tokens(prompt_ids):
             MODEL.set_attention(attention_fn)
             try:
-                return torch.tensor(generate(MODEL, [prompt_ids.tolist()], max_new_tokens=12).tokens[0])
+                return torch.tensor(generate(MODEL, prompts_of(prompt_ids), max_new_tokens=12).tokens)
             finally:
                 MODEL.set_attention("sdpa")
         return greedy_tokens
 """
+LONG_PROMPT = "Write a short friendly note to a neighbour asking them to water my plants while I am away next week."
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Name three primary colors.",
            "Why is the sky blue?"]
 
@@ -183,12 +184,18 @@ def smollm():
     return load_model(pack=False)
 
 
+def prompts_of(prompt_ids: torch.Tensor) -> list[list[int]]:
+    """Rows of a (B, L) tensor of token ids, -1 marking the end of shorter prompts: the
+    engine's generate left-pads them itself (and then hands attention a padding mask)."""
+    return [row[row >= 0].tolist() for row in prompt_ids]
+
+
 def greedy64(prompt_ids):
-    """SmolLM2's own greedy continuation (the engine's fused attention)."""
+    """SmolLM2's own greedy continuation of each prompt (the engine's attention): (B, 12)."""
     from ...generate import generate
 
     model, _ = smollm()
-    return torch.tensor(generate(model, [prompt_ids.tolist()], max_new_tokens=12).tokens[0])
+    return torch.tensor(generate(model, prompts_of(prompt_ids), max_new_tokens=12).tokens)
 
 
 @lru_cache(maxsize=1)
@@ -201,10 +208,21 @@ def smollm_tokenizer():
 def engine_cases(g):
     tokenizer = smollm_tokenizer()
     first = int(torch.randint(0, len(PROMPTS), (1,), generator=g))
+    texts = [PROMPTS[first], PROMPTS[(first + 1) % len(PROMPTS)]]
     cases = []
-    for text in (PROMPTS[first], PROMPTS[(first + 1) % len(PROMPTS)]):
-        ids = tokenizer.encode_chat(text)
-        cases.append(Case("greedy_output", [torch.tensor(ids)], {}, f"chat prompt {text!r}, 12 greedy tokens"))
+    for text in texts:
+        ids = torch.tensor([tokenizer.encode_chat(text)])
+        cases.append(Case("greedy_output", [ids], {}, f"chat prompt {text!r}, 12 greedy tokens"))
+    # the longer prompt leaves 13-16 padding slots before the others: enough that attending
+    # to them changes the tokens
+    batch = [tokenizer.encode_chat(text) for text in (texts[0], LONG_PROMPT, texts[1])]
+    padded = torch.full((len(batch), max(map(len, batch))), -1)
+    for row, ids in enumerate(batch):
+        padded[row, : len(ids)] = torch.tensor(ids)
+    lengths = ", ".join(str(len(ids)) for ids in batch)
+    cases.append(Case("padded_batch", [padded], {},
+                      f"a batch of {len(batch)} chat prompts of {lengths} tokens, left-padded by the engine, "
+                      "12 greedy tokens each"))
     return cases
 
 
@@ -283,6 +301,10 @@ register(
             "greedy_output": Check(4, "q is (B, H, T, D) but k and v have only KV heads: repeat them for the "
                                       "query groups; mask (B, 1, T, L) is True where attention is allowed; "
                                       "is_causal means plain causal masking with T == L"),
+            "padded_batch": Check(3, "prompts of different lengths are left-padded, and then the engine passes "
+                                     "mask (B, 1, T, L), True where a query may attend (causality included), "
+                                     "with is_causal=False, at every step (prefill and each decoded token): "
+                                     "set the scores of masked keys to -inf before the softmax"),
         },
         forbidden_ops=ATTENTION_OPS, common=False, harness_source=HARNESS, memory_mb=8192,
         seeds=(0,), hidden_seeds=(1,), atol=0.0, rtol=0.0,

@@ -53,8 +53,8 @@ HARNESS_CACHE = """
     from reference_engine.grading.chapters.ch03_harness import decode_with_cache
 
     def wrap(cache_class):
-        def call(ids, n_prefill, chunk=1, model="small"):
-            return decode_with_cache(cache_class, ids, n_prefill, chunk, model)
+        def call(ids, n_prefill, chunk=1, model="small", rewind=False):
+            return decode_with_cache(cache_class, ids, n_prefill, chunk, model, rewind)
         return call
 """
 BASELINE_RECOMPUTE = """
@@ -70,7 +70,7 @@ QUESTIONS = [("What is the capital of France?", "The capital of France is Paris.
              ("What is 2 + 3?", "2 + 3 equals 5.")]
 
 
-def recomputed64(ids, n_prefill, chunk=1, model="small"):
+def recomputed64(ids, n_prefill, chunk=1, model="small", rewind=False):
     """The logits of one forward over the whole sequence (no cache), from position n_prefill - 1."""
     with torch.inference_mode():
         return model_named(model)(ids)[:, n_prefill - 1 :].double()
@@ -93,6 +93,9 @@ def cache_cases(g):
         Case("smollm", [chat, n_prompt, 1, "smollm2"], {},
              f"SmolLM2: the chat prompt {question!r}, then the answer {answer!r} one token at a time"),
         Case("chunks", [ids(1, 31), 9, chunk, "small"], {}, f"prefill 9 tokens, then chunks of {chunk} (start > 0, T > 1)"),
+        Case("chunks", [ids(1, 20), 6, 4, "small", True], {},
+             "speculative drafts of up to 4 tokens, all but the first rejected: the next call starts up to 3 "
+             "slots before the last one ended, and overwrites them"),
         Case("batch", [ids(3, 24), 8, 1, "small"], {}, "a batch of 3 sequences"),
     ]
 
@@ -208,7 +211,7 @@ HARNESS_ALLOCATOR = """
 """
 
 
-def engine_paged64(kind, ids, n_prefill, block_size):
+def engine_paged64(kind, ids, n_prefill, block_size, draft=1):
     """The "engine" case's reference: recomputation (the script cases have judges instead)."""
     with torch.inference_mode():
         return small_model(block_size)(ids)[:, n_prefill - 1 :].double()
@@ -226,8 +229,10 @@ def allocator_cases(g):
     return [
         Case("tables", ["script", script(*grow), 40, 4, 3], {}, "3 sequences growing in turns, block_size=4",
              judge=allocator_judge),
-        Case("tables", ["script", script([0, 0, 1], [0, 1, 5], [0, 0, 9], [0, 1, 16], [0, 0, 17]), 12, 4, 2], {},
-             "sequences crossing block boundaries (1, 5, 9, 16, 17 slots)", judge=allocator_judge),
+        Case("tables", ["script", script([0, 0, 1], [0, 1, 5], [0, 0, 9], [0, 1, 16], [0, 0, 6], [0, 0, 17]),
+                        12, 4, 2], {},
+             "sequences crossing block boundaries (1, 5, 9, 16, 17 slots), and asking for fewer slots than held",
+             judge=allocator_judge),
         Case("reuse", ["script", script([0, 0, 12], [0, 1, 8], [1, 0, 0], [0, 2, 12], [1, 1, 0], [0, 0, 8],
                                         [1, 2, 0], [0, 1, 12]), 5, 4, 3], {},
              "5 blocks of 4: sequences released and their blocks reused", judge=allocator_judge),
@@ -236,6 +241,9 @@ def allocator_cases(g):
              judge=allocator_judge),
         Case("engine", ["engine", ids(3, 21), 6, 4], {}, "the engine's paged cache on a small model, 3 sequences, "
                                                        "block_size=4: logits against recomputation"),
+        Case("engine", ["engine", ids(2, 17), 5, 4, 3], {},
+             "speculative drafts of up to 3 tokens through the paged cache, all but the first rejected: ensure "
+             "is asked for fewer slots than the sequence holds, and the rejected slots are written again"),
     ]
 
 
@@ -259,7 +267,9 @@ register(
         checks={
             "smollm": Check(4, "update(start, k, v) writes k and v (B, KV, T, D) into slots start..start+T-1 and "
                                "returns the keys and values of slots 0..start+T-1, nothing past them"),
-            "chunks": Check(2, "after the prompt, a call may bring several tokens (T > 1) at start > 0: write all T"),
+            "chunks": Check(2, "after the prompt, a call may bring several tokens (T > 1) at start > 0: write all T; "
+                               "and start may go back (speculative decoding rejected a draft): follow `start`, "
+                               "not a length of your own, and return slots 0..start+T-1 only"),
             "batch": Check(2, "keep one row per sequence of the batch: (batch_size, n_kv_heads, max_seq_len, head_dim)"),
         },
         speed=Speed(

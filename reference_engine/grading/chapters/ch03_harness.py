@@ -41,25 +41,38 @@ def model_named(name: str, kv_block_size: int = 16) -> Transformer:
 
 
 @torch.inference_mode()
-def forced_logits(model: Transformer, ids: torch.Tensor, n_prefill: int, chunk: int) -> torch.Tensor:
+def forced_logits(model: Transformer, ids: torch.Tensor, n_prefill: int, chunk: int,
+                  rewind: bool = False) -> torch.Tensor:
     """Teacher-forced decoding through the model's KV cache: the first n_prefill tokens in
     one forward, then the rest `chunk` tokens at a time. Returns the logits that predict
     tokens n_prefill .. T, shape (B, T - n_prefill + 1, V): what recomputation gives as
     model(ids)[:, n_prefill - 1:]. Forced tokens, not greedy ones: a near-tie between two
-    logits cannot send two processes down different paths."""
+    logits cannot send two processes down different paths.
+
+    rewind=True is speculative decoding whose drafts are always rejected: each call brings
+    the sequence's next token followed by wrong guesses (chunk - 1 of them, or none every
+    other step, as a prompt-lookup draft that found nothing), and the next call starts
+    right after that token, overwriting the guesses' slots. So `start` goes back, and
+    start+T can be smaller than in the call before; a cache must return slots
+    0 .. start+T-1 as written last, whatever it held past them."""
     B, T = ids.shape
-    model.setup_cache(B, T)
+    model.setup_cache(B, T + chunk)
     try:
         out = [model(ids[:, :n_prefill])[:, -1:]]
-        for s in range(n_prefill, T, chunk):
-            out.append(model(ids[:, s : s + chunk], start=s))
+        if not rewind:
+            for s in range(n_prefill, T, chunk):
+                out.append(model(ids[:, s : s + chunk], start=s))
+        for s in range(n_prefill, T) if rewind else ():
+            n_guesses = chunk - 1 if (s - n_prefill) % 2 == 0 else 0
+            guesses = (ids[:, s : s + 1] + 1 + torch.arange(n_guesses)) % model.config.vocab_size  # (B, n_guesses)
+            out.append(model(torch.cat([ids[:, s : s + 1], guesses], dim=1), start=s)[:, :1])
         return torch.cat(out, dim=1)
     finally:
         model.clear_cache()
 
 
 def decode_with_cache(cache_class, ids: torch.Tensor, n_prefill: int, chunk: int = 1,
-                      model: str = "small") -> torch.Tensor:
+                      model: str = "small", rewind: bool = False) -> torch.Tensor:
     """Task 3.2: `forced_logits` with the learner's KV cache class in every layer."""
     try:  # one tiny update first: an unwritten class fails here, before any model is loaded
         cache_class(1, 1, 2, 2).update(0, torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2))
@@ -70,7 +83,7 @@ def decode_with_cache(cache_class, ids: torch.Tensor, n_prefill: int, chunk: int
     engine = model_named(model)
     engine.set_kv_cache(cache_class)
     try:
-        return forced_logits(engine, ids, n_prefill, chunk)
+        return forced_logits(engine, ids, n_prefill, chunk, rewind)
     finally:
         engine.set_kv_cache("static")
 
@@ -83,13 +96,14 @@ def logits_by_recomputation(ids: torch.Tensor, n_prefill: int, chunk: int = 1, m
     return torch.cat([engine(ids[:, :end])[:, -1:] for end in range(n_prefill, ids.shape[1] + 1)], dim=1)
 
 
-def decode_with_allocator(allocator_class, ids: torch.Tensor, n_prefill: int, block_size: int) -> torch.Tensor:
+def decode_with_allocator(allocator_class, ids: torch.Tensor, n_prefill: int, block_size: int,
+                          draft: int = 1) -> torch.Tensor:
     """Task 3.5: `forced_logits` through the engine's paged cache, blocks handed out by the
-    learner's allocator."""
+    learner's allocator; draft > 1 rewinds after drafts of that many tokens."""
     engine = small_model(block_size)
     engine.set_kv_cache("paged", allocator=allocator_class)
     try:
-        return forced_logits(engine, ids, n_prefill, 1)
+        return forced_logits(engine, ids, n_prefill, draft, rewind=draft > 1)
     finally:
         engine.set_kv_cache("static")
 
