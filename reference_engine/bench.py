@@ -36,9 +36,13 @@ def read_bandwidth(buf: torch.Tensor, repeats: int = 7) -> float:
 
 
 def weight_bytes_per_token(model) -> int:
-    """Bytes of parameters a batch-1 decode step reads. The embedding table is read in full
-    by the tied LM head; its row lookup adds nothing worth counting."""
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    """Bytes of weights a batch-1 decode step reads: every parameter, and the codes and
+    scales of quantized layers. The embedding table counts when it is the LM head (tied
+    and not quantized): then it is read in full; a row lookup adds nothing worth counting."""
+    own_head = "lm_head" in model._modules
+    total = sum(p.numel() * p.element_size() for name, p in model.named_parameters()
+                if not (own_head and name.startswith("tok_embeddings.")))
+    return total + sum(m.weight_bytes for m in model.modules() if hasattr(m, "weight_bytes"))
 
 
 # Decode at batch 1 reaches 30-90% of the bandwidth bound here, whichever path runs (the

@@ -43,16 +43,25 @@ def build_parser() -> argparse.ArgumentParser:
                        help="above 1 discourages tokens already seen (default 1 = off)")
         return p
 
-    g = with_sampling(with_model(sub.add_parser("generate", help="continue a prompt, streaming the text")))
+    def with_quantize(p):
+        from .compression.quantize import FORMATS
+
+        p.add_argument("--quantize", metavar="FORMAT", help="quantize the model first; formats: " + "; ".join(
+            f"{name}: {what}" for name, what in FORMATS.items()))
+        return p
+
+    g = with_quantize(with_sampling(with_model(sub.add_parser("generate", help="continue a prompt, streaming the text"))))
     g.add_argument("prompt", help="the prompt text")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    with_sampling(with_model(sub.add_parser("chat", help="interactive chat (empty line or Ctrl-D ends)")))
+    with_quantize(with_sampling(with_model(sub.add_parser("chat", help="interactive chat (empty line or Ctrl-D ends)"))))
     d = with_model(sub.add_parser("demo", help="load the model, answer a chat prompt, print measurements"))
     d.add_argument("--prompt", default="What is the capital of France? Answer in one sentence, then "
                                        "name two famous sights there.")
-    p = with_model(sub.add_parser("perplexity", help="perplexity on the pydoc topics text"))
+    p = with_quantize(with_model(sub.add_parser("perplexity", help="perplexity on the pydoc topics text; with "
+                                                                   "--quantize, also KL and top-1 agreement "
+                                                                   "against the unquantized model")))
     p.add_argument("--windows", type=int, default=8, help="number of 512-token windows (default 8)")
-    b = with_model(sub.add_parser("bench", help="prefill/decode speed, bandwidth bound, memory"))
+    b = with_quantize(with_model(sub.add_parser("bench", help="prefill/decode speed, bandwidth bound, memory")))
     b.add_argument("--json", action="store_true", help="also print one JSON object on the last line")
     b.add_argument("--no-baseline", action="store_true", help="skip the HF transformers baseline")
     gr = sub.add_parser("grade", help="grade an exercise notebook (or .py module) with the trusted grader")
@@ -108,7 +117,7 @@ def load(args):
             raise DojoError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, quantize=getattr(args, "quantize", None))
     return model, tokenizer, time.perf_counter() - t0
 
 
@@ -223,6 +232,8 @@ def cmd_perplexity(args) -> int:
 
     if args.windows < 1:
         raise DojoError(f"--windows must be >= 1, got {args.windows}")
+    if args.quantize:
+        return quantized_perplexity(args)
     model, tokenizer, _ = load(args)
     t0 = time.perf_counter()
     ppl = perplexity(model, tokenizer, max_windows=args.windows)
@@ -231,11 +242,38 @@ def cmd_perplexity(args) -> int:
     return 0
 
 
+def quantized_perplexity(args) -> int:
+    """The quantized model against the unquantized one on the same windows: perplexity of
+    both, KL divergence of their next-token distributions, top-1 agreement."""
+    from .bench import weight_bytes_per_token
+    from .compression.calibration import evaluation_windows
+    from .compression.quality import compare
+    from .load import load_model
+
+    model, tokenizer, load_s = load(args)  # the format is checked before anything is read
+    reference, _ = load_model(args.model, pack=False)
+    windows = evaluation_windows(tokenizer, args.windows, min(512, model.config.max_seq_len))
+    t0 = time.perf_counter()
+    q = compare(reference, model, windows)
+    print(f"{args.quantize} against the unquantized model ({'float32 dequantized from the file' if args.model is None else args.model}), "
+          f"{windows.shape[0]} windows of {windows.shape[1]} tokens of the pydoc topics "
+          f"({time.perf_counter() - t0:.1f} s after {load_s:.1f} s to load and quantize):")
+    for name, value in [("perplexity", f"{q.perplexity:.3f} (reference {q.reference_perplexity:.3f}, "
+                                       f"{q.perplexity / q.reference_perplexity - 1:+.2%})"),
+                        ("KL(reference || quantized)", f"{q.kl:.4f} nats per token"),
+                        ("top-1 agreement", f"{q.top1:.1%} of {q.tokens} positions"),
+                        ("weights read per token", f"{weight_bytes_per_token(model) / 1e6:.0f} MB "
+                                                   f"(reference {weight_bytes_per_token(reference) / 1e6:.0f} MB)")]:
+        print(f"  {name:28s} {value}")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from .bench import format_table, run_bench
 
     model, tokenizer, load_s = load(args)
-    result = run_bench(model, tokenizer, load_s, baseline=not args.no_baseline)
+    # HF transformers runs the float32 weights: a baseline for the float32 engine only
+    result = run_bench(model, tokenizer, load_s, baseline=not args.no_baseline and not args.quantize)
     print(format_table(result))
     if args.json:
         print(json.dumps(result))

@@ -152,3 +152,38 @@ def state_dict_from_gguf(reader, config: ModelConfig) -> dict[str, torch.Tensor]
         sd[p + "attn_norm.weight"] = get(b + "attn_norm.weight")
         sd[p + "ffn_norm.weight"] = get(b + "ffn_norm.weight")
     return sd
+
+
+def raw_blocks_from_gguf(reader, config: ModelConfig) -> dict[str, tuple[str, torch.Tensor]]:
+    """The block-quantized matrices as stored, in the engine's layout: {module name:
+    (block format, uint8 rows (out, bytes per row))}, Q and K rows converted to the configured
+    RoPE layout and [Q; K; V] and [gate; up] stacked as `state_dict_from_gguf` does (a row
+    permutation moves whole rows of blocks). The tied head is "head". A matrix stored in
+    another type, or whose parts differ in type, is left out."""
+    from .compression.gguf_blocks import BLOCK_BYTES
+
+    raw = {t.name: t for t in reader.tensors}
+
+    def rows(name: str) -> tuple[str, torch.Tensor] | None:
+        t = raw.get(name)
+        if t is None or t.tensor_type.name not in BLOCK_BYTES:
+            return None
+        return t.tensor_type.name, torch.from_numpy(np.array(t.data)).view(int(t.shape[1]), -1)  # copy off the map
+
+    def stacked(*parts):
+        if any(p is None for p in parts) or len({p[0] for p in parts}) != 1:
+            return None
+        return parts[0][0], torch.cat([p[1] for p in parts])
+
+    blocks = {"head": rows("output.weight" if not config.tie_embeddings else "token_embd.weight")}
+    for i in range(config.n_layers):
+        b = f"blk.{i}."
+        q, k = rows(b + "attn_q.weight"), rows(b + "attn_k.weight")
+        if config.rope_layout == "half" and q is not None and k is not None:
+            q = q[0], adjacent_to_half_rows(q[1], config.n_heads)
+            k = k[0], adjacent_to_half_rows(k[1], config.n_kv_heads)
+        blocks[f"layers.{i}.attn.wqkv"] = stacked(q, k, rows(b + "attn_v.weight"))
+        blocks[f"layers.{i}.attn.wo"] = rows(b + "attn_output.weight")
+        blocks[f"layers.{i}.mlp.w13"] = stacked(rows(b + "ffn_gate.weight"), rows(b + "ffn_up.weight"))
+        blocks[f"layers.{i}.mlp.w2"] = rows(b + "ffn_down.weight")
+    return {name: value for name, value in blocks.items() if value is not None}

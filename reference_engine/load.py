@@ -12,6 +12,7 @@ from .gguf_loader import (
     config_from_gguf,
     default_model_path,
     open_gguf,
+    raw_blocks_from_gguf,
     state_dict_from_gguf,
 )
 from .model import Transformer
@@ -24,12 +25,14 @@ LOAD_OVERRIDES = ("attn_impl", "kv_cache", "kv_block_size", "max_seq_len", "rope
 
 
 def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu", pack: bool = True,
+               device: str | torch.device = "cpu", pack: bool = True, quantize: str | None = None,
                **config_overrides) -> tuple[Transformer, Tokenizer]:
     """Load a Llama-architecture GGUF file; the default is SmolLM2-135M-Instruct.
 
     pack: on the CPU in float32, also keep packed copies of the weights for fast
     decoding (`Transformer.pack_for_cpu`; doubles the memory of the weights).
+    quantize: a format of `compression.quantize.FORMATS` ("q4_1", "int8", "int4-g32",
+        "w8a8", "bf16", ...); "q4_1" keeps the file's own Q4_1 and Q8_0 bytes.
     config_overrides: any of LOAD_OVERRIDES, e.g. rope_layout="adjacent", or
         rope_scaling="ntk", rope_scaling_factor=2.0, max_seq_len=16384.
 
@@ -41,12 +44,22 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch
     if wrong:
         raise DojoError(f"load_model cannot override {', '.join(wrong)}: those are read from the file. "
                         f"It can override {', '.join(LOAD_OVERRIDES)}.")
+    fmt = None
+    if quantize is not None:
+        from .compression.quantize import parse_format
+
+        fmt = parse_format(quantize)  # an unknown name fails here, before the slow part
     reader = open_gguf(path if path is not None else default_model_path())
     config = replace(config_from_gguf(reader), **config_overrides)
     tokenizer = Tokenizer.from_gguf(reader)
     model = model_from_state_dict(config, state_dict_from_gguf(reader, config))
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    if pack:
+    if fmt is not None:
+        from .compression.quantize import quantize_model
+
+        raw = raw_blocks_from_gguf(reader, config) if fmt.kind == "blocks" else None
+        quantize_model(model, fmt, tokenizer=tokenizer, raw_blocks=raw)
+    elif pack:
         model.pack_for_cpu()
     return model, tokenizer
 

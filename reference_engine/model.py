@@ -93,7 +93,11 @@ class Linear(nn.Linear):
 
 
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * weight  (no mean subtraction, no bias)."""
+    """y = x / sqrt(mean(x^2) + eps) * weight  (no mean subtraction, no bias).
+
+    subtle: in a bfloat16 or float16 model the statistic is computed in float32: float16
+    overflows once |x| passes 256 (x^2 > 65504, SmolLM2's residual stream gets there), and
+    a mean of 576 squares in bfloat16 keeps only 8 bits of it."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -101,7 +105,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # float32 and float64 unchanged
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight).to(x.dtype)
 
 
 def make_norm(config: ModelConfig) -> nn.Module:
@@ -225,6 +231,14 @@ class Transformer(nn.Module):
             self.tied_head_packed = PackedWeight(head)
         return True
 
+    def quantize(self, fmt: str, tokenizer=None, **options) -> "Transformer":
+        """Quantize in place (see `compression.quantize.quantize_model`): fmt "int8",
+        "int4-g32", "int4-g32-gptq", "w8a8", "w8a8-smooth", "q8_0", "bf16", ... The calibrated
+        formats take tokenizer= (or calibration= token windows). Returns the model."""
+        from .compression.quantize import quantize_model
+
+        return quantize_model(self, fmt, tokenizer=tokenizer, **options)
+
     def set_rope(self, **changes) -> None:
         """Change how RoPE is applied, weights untouched: any of rope_layout, rope_scaling,
         rope_scaling_factor, rope_base, max_seq_len. Example, to read 4x past the trained
@@ -345,6 +359,19 @@ class Transformer(nn.Module):
         plan = fused_decode.plan_for(self) if T == 1 and exit_layer is None else None
         if plan is not None:
             return fused_decode.forward(self, plan, input_ids, start, positions, key_valid)  # same math, compiled
+        x, rope, mask = self.embed(input_ids, start, positions, key_valid)
+        for layer in self.layers if exit_layer is None else self.layers[:exit_layer]:
+            x = layer(x, rope, start, mask)
+        if last_only:
+            x = x[:, -1:]
+        return self.head(self.norm(x))
+
+    def embed(self, input_ids: torch.Tensor, start: int, positions: torch.Tensor,
+              key_valid: torch.Tensor | None) -> tuple[torch.Tensor, tuple | None, torch.Tensor | None]:
+        """What every block is called with: x = layer(x, rope, start, mask) for each layer.
+        Returns the token embeddings (plus learned or sinusoidal positions) (B, T, d_model),
+        RoPE's (cos, sin) for these positions or None, and the attention mask or None."""
+        T = input_ids.shape[1]
         x = self.tok_embeddings(input_ids)  # (B, T, d_model)
         rope = None
         if self.config.pos_encoding == "learned":
@@ -356,16 +383,12 @@ class Transformer(nn.Module):
         mask = self._attention_mask(T, start, key_valid, x.device)
         if self.config.pos_encoding == "alibi":
             mask = self._alibi_mask(T, start, mask, x.dtype)
-        for layer in self.layers if exit_layer is None else self.layers[:exit_layer]:
-            x = layer(x, rope, start, mask)
-        if last_only:
-            x = x[:, -1:]
-        return self.head(self.norm(x))
+        return x, rope, mask
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
-        """float32 logits from final-normed hidden states: the LM head, or the embedding
-        matrix when tied."""
-        if not self.config.tie_embeddings:
+        """float32 logits from final-normed hidden states: the LM head (its own matrix, or a
+        quantized copy of the tied one), else the embedding matrix itself."""
+        if "lm_head" in self._modules:
             return self.lm_head(x).float()
         return linear(x, self.tok_embeddings.weight, packed=self.tied_head_packed).float()
 

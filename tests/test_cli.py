@@ -168,3 +168,23 @@ def test_demo_says_when_the_machine_looks_busy(tiny_file, monkeypatch, capsys, b
     assert main(["demo", "--model", str(tiny_file), "--prompt", "hello there"]) == 0
     out = capsys.readouterr().out
     assert ("looks busy" in out) == busy, out
+
+
+def test_quantized_perplexity_reports_kl_and_agreement(tiny_file):
+    result = run_cli("perplexity", "--model", tiny_file, "--windows", "1", "--quantize", "int8")
+    assert result.returncode == 0, result.stderr
+    for words in ("perplexity", "reference", "KL(reference || quantized)", "top-1 agreement", "weights read per token"):
+        assert words in result.stdout, result.stdout
+
+
+def test_generate_with_a_quantized_model(tiny_file):
+    result = run_cli("generate", "the cat", "--model", tiny_file, "--max-new-tokens", "4", "--quantize", "q8_0")
+    assert result.returncode == 0, result.stderr
+    assert "4 tokens" in result.stderr
+
+
+@pytest.mark.parametrize("fmt,words", [("int4-g48", ["group size 48 does not divide", "32"]),
+                                       ("int6", ["6-bit integers are not supported", "int8, int4, int3"]),
+                                       ("float8", ["unknown format 'float8'", "int4-g32", "w8a8-smooth"])])
+def test_bad_quantization_formats(tiny_file, fmt, words):
+    assert_clean_error(run_cli("perplexity", "--model", tiny_file, "--quantize", fmt), *words)

@@ -1,0 +1,52 @@
+"""Real text for the methods that look at activations (GPTQ, SmoothQuant), kept apart from
+the text they are judged on.
+
+Both come from the pydoc topics every CPython ships (about 465 kB, joined in sorted
+order): evaluation uses its first 40,000 characters, as `perplexity` does; calibration
+starts at character 200,000. No calibration token is ever scored.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import DojoError
+from ..perplexity import reference_text
+
+CALIBRATION_START = 200_000  # characters: far past the evaluation text's 40,000
+
+
+def pydoc_text() -> str:
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def windows_of(ids: list[int], n_windows: int, window: int, what: str) -> torch.Tensor:
+    """(n_windows, window) LongTensor of consecutive, non-overlapping windows of `ids`."""
+    if n_windows < 1 or window < 2:
+        raise DojoError(f"{what} needs at least one window of at least 2 tokens, got {n_windows} x {window}")
+    if len(ids) < n_windows * window:
+        raise DojoError(f"{what} needs {n_windows} windows of {window} tokens ({n_windows * window} tokens); "
+                        f"the text has {len(ids)}. Pass a longer text or ask for fewer or shorter windows.")
+    return torch.tensor(ids[: n_windows * window]).view(n_windows, window)
+
+
+def calibration_windows(tokenizer, n_windows: int = 16, window: int = 256, text: str | None = None) -> torch.Tensor:
+    """Token windows to calibrate on (default: the pydoc topics from CALIBRATION_START on)."""
+    text = pydoc_text()[CALIBRATION_START:] if text is None else text
+    return windows_of(tokenizer.encode(text), n_windows, window, "calibration")
+
+
+def evaluation_windows(tokenizer, n_windows: int = 4, window: int = 256) -> torch.Tensor:
+    """Token windows to judge on: the start of the text `perplexity` scores."""
+    return windows_of(tokenizer.encode(reference_text()), n_windows, window, "evaluation")
+
+
+@torch.inference_mode()
+def block_inputs(model, windows: torch.Tensor):
+    """The first block's inputs for these windows, and what every block is called with:
+    (x, rope, mask). Run the blocks one by one as x = layer(x, rope, 0, mask)."""
+    B, T = windows.shape
+    positions = torch.arange(T).expand(B, T)
+    return model.embed(windows, 0, positions, None)

@@ -1,0 +1,128 @@
+"""`QuantizedLinear`: how a quantized weight is stored, and how it is multiplied.
+
+Three storages, one module (y = x W^T + b for x (..., in), W (out, in)):
+
+  - "int"  integer codes with a scale (and zero point) per output channel or per group of
+           the input dimension (`formats.py`): int8 one code per byte, int4 two per byte,
+           int3 one per byte. Weight-only: the activations stay float.
+  - "gguf" GGUF blocks kept as raw bytes (`gguf_blocks.py`): SmolLM2's own Q4_1 linears
+           and Q8_0 embedding, or any matrix requantized to Q8_0 / Q4_0 / Q4_1.
+  - "w8a8" int8 weights per output channel AND int8 activations per token, quantized at
+           run time: the matmul itself is int8 x int8 with int32 accumulation, rescaled
+           once per output by (activation scale x weight scale).
+
+The PyTorch path here is the readable one: weight-only formats dequantize the whole matrix
+to float32 in every call and then run F.linear, so they cost more time than float32 (the
+codes are read, then a float32 copy is written and read), not less; their memory is what
+shrinks. Decoding faster than float32 takes a kernel that multiplies the codes where they
+lie, reading fewer bytes (the compiled decode path's job). The tensors kept here (codes,
+scales, zero points, raw blocks) are what such a kernel repacks once, at load.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import gguf_blocks
+from .formats import QuantizedTensor, pack_int4, quantize, unpack_int4
+
+
+def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a (m, k) int8 @ b (k, n) int8 -> int32 (m, n), exact.
+
+    subtle: the products are summed in int32 (exact); float32 sums of int8 products are
+    exact only while they stay under 2^24, which 1536 products of 127 x 127 can exceed.
+    torch._int_mm is PyTorch's int8 GEMM; the tests hold it to a float64 reference on every
+    shape the engine uses (an accumulator bug in it has been reported on AMD CPUs)."""
+    if a.shape[0] > 0 and a.is_cpu:
+        try:
+            return torch._int_mm(a.contiguous(), b)
+        except RuntimeError:  # a shape or a build without it: the slow exact path
+            pass
+    return a.int() @ b.int()
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 codes of each row of x (rows, in), and the row scales (rows, 1)."""
+    amax = x.abs().amax(-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+    return (x / scale).round().clamp(-127, 127).to(torch.int8), scale
+
+
+class QuantizedLinear(nn.Module):
+    """A linear layer whose weight is kept quantized (see the module docstring)."""
+
+    def __init__(self, kind: str, in_features: int, out_features: int, bias: torch.Tensor | None,
+                 tensors: dict[str, torch.Tensor], bits: int = 8, group: int = 0, block: str = ""):
+        super().__init__()
+        self.kind, self.in_features, self.out_features = kind, in_features, out_features
+        self.bits, self.group, self.block = bits, group, block
+        for name, t in tensors.items():
+            self.register_buffer(name, t)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+
+    # -- building ------------------------------------------------------------------------------
+
+    @classmethod
+    def from_quantized(cls, qt: QuantizedTensor, bias: torch.Tensor | None = None) -> QuantizedLinear:
+        """Weight-only, from codes and scales (`formats.quantize`, or GPTQ's)."""
+        out, n_in = qt.q.shape
+        codes = qt.q
+        if qt.bits == 4:  # two per byte; symmetric codes [-7, 7] shifted into [1, 15]
+            codes = pack_int4(codes + (8 if qt.zero is None else 0))
+        tensors = {"codes": codes.contiguous(), "scale": qt.scale.float().contiguous()}
+        if qt.zero is not None:
+            tensors["zero"] = qt.zero.to(torch.uint8).contiguous()
+        return cls("int", n_in, out, bias, tensors, bits=qt.bits, group=qt.group)
+
+    @classmethod
+    def from_blocks(cls, raw: torch.Tensor, block: str, in_features: int,
+                    bias: torch.Tensor | None = None) -> QuantizedLinear:
+        """GGUF blocks kept as they are: raw (out, bytes per row) uint8."""
+        return cls("gguf", in_features, raw.shape[0], bias, {"raw": raw.contiguous()}, block=block)
+
+    @classmethod
+    def w8a8(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> QuantizedLinear:
+        """int8 weights per output channel; activations quantized per token at run time."""
+        qt = quantize(weight, 8, symmetric=True, granularity="channel")
+        tensors = {"codes_t": qt.q.t().contiguous(), "scale": qt.scale.reshape(1, -1).contiguous()}  # (in, out), (1, out)
+        return cls("w8a8", weight.shape[1], weight.shape[0], bias, tensors, bits=8, group=weight.shape[1])
+
+    # -- using -------------------------------------------------------------------------------------
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float32 matrix (out, in) this layer stands for."""
+        if self.kind == "gguf":
+            return gguf_blocks.dequantize_blocks(self.raw, self.block)
+        if self.kind == "w8a8":
+            return (self.codes_t.float() * self.scale).t()
+        codes = self.codes
+        if self.bits == 4:
+            codes = unpack_int4(codes).to(torch.int16) - (0 if hasattr(self, "zero") else 8)
+        rows = self.scale.shape[0]
+        q = codes.float().view(rows, -1, self.group)  # (rows, n_groups, group)
+        zero = self.zero.float().unsqueeze(-1) if hasattr(self, "zero") else 0.0
+        return ((q - zero) * self.scale.unsqueeze(-1)).view(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind != "w8a8":
+            return F.linear(x, self.dequantized_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        rows = x.reshape(-1, self.in_features).float()
+        codes, x_scale = quantize_per_token(rows)  # (rows, in) int8, (rows, 1)
+        y = int8_matmul(codes, self.codes_t).float() * x_scale * self.scale  # int32 sums, rescaled once
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes read per use: codes, scales, zero points or raw blocks (not the bias)."""
+        return sum(b.numel() * b.element_size() for name, b in self.named_buffers() if name != "bias")
+
+    def extra_repr(self) -> str:
+        what = {"int": f"int{self.bits}, {self.group} values per scale" + (", zero point" if hasattr(self, "zero") else ""),
+                "gguf": self.block, "w8a8": "int8 weights per channel x int8 activations per token"}[self.kind]
+        return f"in_features={self.in_features}, out_features={self.out_features}, {what}"
+
