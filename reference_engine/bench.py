@@ -134,6 +134,17 @@ def bench_hf_decode(model, prompt: list[int], new_tokens: int, repeats: int = 3)
             "speedup_vs_hf": statistics.median(r[2] for r in rounds)}
 
 
+def decode_path(model) -> str:
+    """Which code decodes this model, for the report."""
+    quantized = sorted({m.extra_repr().split(", ", 2)[-1] for m in model.modules() if hasattr(m, "weight_bytes")})
+    if quantized:
+        return f"PyTorch blocks; quantized weights ({'; '.join(quantized)}) dequantized in every matmul"
+    dtype = model.tok_embeddings.weight.dtype
+    if dtype != torch.float32:
+        return f"PyTorch blocks in {str(dtype).removeprefix('torch.')}"
+    return cpu_kernels.status()
+
+
 def run_bench(model, tokenizer, load_s: float, baseline: bool = True, new_tokens: int = 64) -> dict:
     torch.manual_seed(0)
     text_ids = tokenizer.encode(reference_text())
@@ -160,7 +171,7 @@ def run_bench(model, tokenizer, load_s: float, baseline: bool = True, new_tokens
         "peak_memory_mb": peak_memory_mb(),
         "threads": torch.get_num_threads(),
         "dtype": str(model.tok_embeddings.weight.dtype).removeprefix("torch."),
-        "decode_path": cpu_kernels.status(),
+        "decode_path": decode_path(model),
     }
     if baseline:
         result.update(bench_hf_decode(model, chat, new_tokens // 2))

@@ -188,3 +188,12 @@ def test_generate_with_a_quantized_model(tiny_file):
                                        ("float8", ["unknown format 'float8'", "int4-g32", "w8a8-smooth"])])
 def test_bad_quantization_formats(tiny_file, fmt, words):
     assert_clean_error(run_cli("perplexity", "--model", tiny_file, "--quantize", fmt), *words)
+
+
+def test_bench_of_a_quantized_model_says_which_path_ran(tiny_file):
+    result = run_cli("bench", "--model", tiny_file, "--json", "--quantize", "int8")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "quantized weights (int8" in report["decode_path"] and "hf_decode_tok_s" not in report
+    plain = json.loads(run_cli("bench", "--model", tiny_file, "--json", "--no-baseline").stdout.strip().splitlines()[-1])
+    assert report["weight_mb_per_token"] < plain["weight_mb_per_token"] / 2

@@ -4,9 +4,11 @@ test cells in a kernel. That the solutions score full marks with the trusted gra
 `tests/graders/` (run without --notebook, it grades every chapter's solutions, check by
 check)."""
 
+import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from reference_engine.grading.grader import grade_path
 from reference_engine.grading.tasks import CHAPTERS, load_chapters
@@ -49,21 +51,52 @@ def mutant_param(path: Path):
 @pytest.mark.parametrize("mutant", [mutant_param(p) for p in MUTANTS])
 def test_mutant_loses_points_on_its_check(mutant):
     task, check = mutant_expectation(mutant)
-    report = grade_path(mutant, task_id=task)
+    assert_loses_points(grade_path(mutant, task_id=task), task, check, mutant.stem)
+
+
+# -- mutants written as patches of the solution (tests/mutants/CHAPTER.yaml) -------------------------
+
+
+def solution_source(chapter: str) -> str:
+    """The solution notebook's code as a learner's module: every code cell but the test cells."""
+    nb = json.loads(notebook("solutions", chapter).read_text())
+    return "\n\n".join("".join(c["source"]) for c in nb["cells"]
+                        if c["cell_type"] == "code" and not c["metadata"].get("nbgrader", {}).get("grade"))
+
+
+def patched_mutants():
+    for path in sorted((Path(__file__).parent / "mutants").glob("*.yaml")):
+        for mutant in yaml.safe_load(path.read_text()):
+            yield pytest.param(path.stem, mutant, id=f"{path.stem}/{mutant['name']}")
+
+
+@pytest.mark.parametrize("chapter,mutant", list(patched_mutants()))
+def test_patched_mutant_loses_points_on_its_check(chapter, mutant, tmp_path):
+    text = solution_source(chapter)
+    for change in mutant["replace"]:
+        assert text.count(change["from"]) == 1, (f"{mutant['name']}: {change['from']!r} is not in the solution "
+                                                 "exactly once; update the patch with the solution")
+        text = text.replace(change["from"], change["to"])
+    path = tmp_path / f"{mutant['name']}.py"
+    path.write_text(text)
+    assert_loses_points(grade_path(path, task_id=mutant["task"]), mutant["task"], mutant["check"], mutant["name"])
+
+
+def assert_loses_points(report, task: str, check: str, name: str) -> None:
     by_name = {r.name: r for r in report.results}
     assert report.score < report.max_score
     if check == "every check":
         assert report.score == 0 and all(not r.passed for r in report.results)
     else:
         assert check in by_name, f"{check} is not a check of task {task}"
-        assert not by_name[check].passed, f"{mutant.stem} should fail {check}: {by_name[check].message}"
+        assert not by_name[check].passed, f"{name} should fail {check}: {by_name[check].message}"
         assert by_name[check].message, "a failed check must say why"
 
 
 def test_every_task_has_at_least_three_mutants():
     counts = {}
-    for mutant in MUTANTS:
-        task, _ = mutant_expectation(mutant)
+    tasks_of_mutants = [mutant_expectation(m)[0] for m in MUTANTS] + [p.values[1]["task"] for p in patched_mutants()]
+    for task in tasks_of_mutants:
         counts[task] = counts.get(task, 0) + 1
     load_chapters()
     for tasks in CHAPTERS.values():

@@ -205,8 +205,8 @@ def test_weight_only_layers_multiply_by_their_dequantized_weight(make):
         layer, expected_w = QuantizedLinear.from_quantized(qt, b), qt.dequantize()
     torch.testing.assert_close(layer.dequantized_weight(), expected_w)
     torch.testing.assert_close(layer(x), F.linear(x, expected_w, b))
-    if make == "int4-g16":
-        assert layer.codes.numel() == 48 * 32, "int4 codes are packed two per byte"
+    if make in ("int4-g16", "int4-sym", "int3-g8"):
+        assert layer.codes.numel() == 48 * 32, "4- and 3-bit codes are packed two per byte"
 
 
 def test_w8a8_is_int8_times_int8_rescaled():
@@ -379,3 +379,14 @@ def test_smollm2_q4_1_is_the_file_as_shipped(smollm):
     ids = torch.tensor([tokenizer.encode_chat("What is the capital of France?")])
     with torch.no_grad():
         torch.testing.assert_close(shipped(ids), smollm[0](ids), rtol=0, atol=2e-4)
+
+
+def test_reference_logprobs_stand_in_for_the_reference_model():
+    model = tiny_llama(seed=7)
+    candidate = quantize_model(copy.deepcopy(model), "int4-g16")
+    windows = torch.randint(0, 300, (2, 16))
+    from reference_engine.compression.quality import reference_logprobs
+
+    a, b = compare(model, candidate, windows), compare(reference_logprobs(model, windows), candidate, windows)
+    assert a.tokens == b.tokens == 30 and a.top1 == b.top1
+    assert a.kl == pytest.approx(b.kl, rel=1e-5) and a.perplexity == pytest.approx(b.perplexity, rel=1e-9)

@@ -150,8 +150,7 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 
 def bytes_per_weight(bits: int, group: int, symmetric: bool) -> float:
-    """Storage per weight as `QuantizedLinear` keeps it: int4 codes two per byte, int8 and
-    int3 one per byte (packing 3-bit codes, 8 in 3 bytes, is a matter for a kernel; int3 is
-    here for what it does to quality), a float32 scale per group, and a one-byte zero point
-    per group for asymmetric formats."""
-    return (0.5 if bits == 4 else 1.0) + (4 + (0 if symmetric else 1)) / group
+    """Storage per weight as `QuantizedLinear` keeps it: int8 codes one per byte, int4 and
+    int3 two per byte (nibbles; packing 3-bit codes 8 to 3 bytes is a kernel's business), a
+    float32 scale per group, and a one-byte zero point per group for asymmetric formats."""
+    return (0.5 if bits <= 4 else 1.0) + (4 + (0 if symmetric else 1)) / group

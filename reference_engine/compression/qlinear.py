@@ -3,8 +3,9 @@
 Three storages, one module (y = x W^T + b for x (..., in), W (out, in)):
 
   - "int"  integer codes with a scale (and zero point) per output channel or per group of
-           the input dimension (`formats.py`): int8 one code per byte, int4 two per byte,
-           int3 one per byte. Weight-only: the activations stay float.
+           the input dimension (`formats.py`): int8 one code per byte, int4 and int3 two
+           per byte (a dense 3-bit layout would save another eighth; that is a kernel's
+           business). Weight-only: the activations stay float.
   - "gguf" GGUF blocks kept as raw bytes (`gguf_blocks.py`): SmolLM2's own Q4_1 linears
            and Q8_0 embedding, or any matrix requantized to Q8_0 / Q4_0 / Q4_1.
   - "w8a8" int8 weights per output channel AND int8 activations per token, quantized at
@@ -70,8 +71,8 @@ class QuantizedLinear(nn.Module):
         """Weight-only, from codes and scales (`formats.quantize`, or GPTQ's)."""
         out, n_in = qt.q.shape
         codes = qt.q
-        if qt.bits == 4:  # two per byte; symmetric codes [-7, 7] shifted into [1, 15]
-            codes = pack_int4(codes + (8 if qt.zero is None else 0))
+        if qt.bits <= 4:  # two per byte; symmetric codes [-7, 7] (int3: [-3, 3]) shifted by 8 into [1, 15]
+            codes = pack_int4(codes.to(torch.int16) + (8 if qt.zero is None else 0))
         tensors = {"codes": codes.contiguous(), "scale": qt.scale.float().contiguous()}
         if qt.zero is not None:
             tensors["zero"] = qt.zero.to(torch.uint8).contiguous()
@@ -99,7 +100,7 @@ class QuantizedLinear(nn.Module):
         if self.kind == "w8a8":
             return (self.codes_t.float() * self.scale).t()
         codes = self.codes
-        if self.bits == 4:
+        if self.bits <= 4:
             codes = unpack_int4(codes).to(torch.int16) - (0 if hasattr(self, "zero") else 8)
         rows = self.scale.shape[0]
         q = codes.float().view(rows, -1, self.group)  # (rows, n_groups, group)

@@ -34,14 +34,22 @@ class Quality:
 
 
 @torch.inference_mode()
+def reference_logprobs(reference, windows: torch.Tensor) -> list[torch.Tensor]:
+    """The reference's next-token log-probabilities on each window, (W - 1, vocab) float32
+    each: compute them once to compare several models (SmolLM2: 200 KB per position)."""
+    return [reference(window[None])[0, :-1].double().log_softmax(-1).float() for window in windows]
+
+
+@torch.inference_mode()
 def compare(reference, model, windows: torch.Tensor) -> Quality:
-    """Score `model` against `reference` on token windows (N, W), one window at a time
-    (each window's log-probabilities are (W - 1, vocab) float64 for the two models)."""
+    """Score `model` against `reference` (a model, or its `reference_logprobs`) on token
+    windows (N, W), one window at a time, in float64."""
     nll_ref = nll = kl = 0.0
     agree = total = 0
-    for window in windows:
+    for i, window in enumerate(windows):
         target = window[1:]
-        ref = reference(window[None])[0, :-1].double().log_softmax(-1)  # (W - 1, V)
+        ref = (reference[i] if isinstance(reference, list)
+               else reference(window[None])[0, :-1].log_softmax(-1)).double()  # (W - 1, V)
         out = model(window[None])[0, :-1].double().log_softmax(-1)
         rows = torch.arange(len(target))
         nll_ref -= ref[rows, target].sum().item()

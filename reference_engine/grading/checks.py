@@ -57,10 +57,13 @@ def compare(task: Task, case: Case, record: dict) -> str | None:
     if record["error"]:
         return f"raised {record['error']} ({case.note})"
     out = record["output"]
-    if case.judge is not None:
-        if not isinstance(out, torch.Tensor):
+    if case.judge is not None:  # a property of the output (a tensor, or a tuple of them)
+        if not isinstance(out, (torch.Tensor, list)):
             return f"returned {out if isinstance(out, str) else type(out).__name__}, not a torch.Tensor ({case.note})"
-        problem = case.judge(out, *case.args, **case.kwargs)
+        try:
+            problem = case.judge(out, *case.args, **case.kwargs)
+        except Exception as e:  # noqa: BLE001 (an output of the wrong kind or shape: say so, do not crash)
+            problem = f"the output could not be checked ({type(e).__name__}: {e}); it is not what the task asks for"
         return None if problem is None else f"{problem} ({case.note})"
     expected = task.reference(*[a.double() if is_float(a) else a for a in case.args], **case.kwargs)
     if case.output is not None:  # one element of a tuple result
@@ -107,12 +110,15 @@ def judge_common(task: Task, cases: list[Case], observed: dict, same_object: dic
         out = rec["output"]
         if problems["output_type"] is None and not rec["error"]:
             first_float = next((a for a in case.args if is_float(a)), None)
-            outs = out if isinstance(out, list) and case.output is not None else [out]
-            for o in outs:
+            outs = out if isinstance(out, list) and (case.output is not None or task.output_dtypes) else [out]
+            for i, o in enumerate(outs):
+                want = task.output_dtypes[i] if task.output_dtypes and i < len(task.output_dtypes) else None
+                want = want or (first_float.dtype if first_float is not None else None)
                 if not isinstance(o, torch.Tensor):
                     problems["output_type"] = f"returned {o if isinstance(o, str) else type(o).__name__} ({case.note})"
-                elif first_float is not None and o.dtype != first_float.dtype:
-                    problems["output_type"] = f"returned dtype {o.dtype} for {first_float.dtype} input ({case.note})"
+                elif want is not None and o.dtype != want:
+                    what = f"output {i + 1}" if len(outs) > 1 else "the output"
+                    problems["output_type"] = f"{what} has dtype {o.dtype}, expected {want} ({case.note})"
         if problems["inputs_unchanged"] is None and rec["inputs_after"] is not None:
             for before, after in zip(case.args, rec["inputs_after"]):
                 if isinstance(before, torch.Tensor) and not (isinstance(after, torch.Tensor) and torch.equal(before, after)):

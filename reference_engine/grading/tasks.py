@@ -72,6 +72,8 @@ class Task:
     speed: Speed | None = None
     memory: Memory | None = None
     common: bool = True  # output type, untouched inputs, no caching (off where inputs are token ids)
+    # dtypes of a tuple's outputs (None: the first float input's), for outputs that are codes
+    output_dtypes: tuple[torch.dtype | None, ...] | None = None
     harness_source: str | None = None  # trusted code run in the child before the learner's: defines wrap(fn)
     memory_mb: int = 4096  # the child's address-space limit
     rtol: float = 1e-5
@@ -115,4 +117,9 @@ def register(*tasks: Task) -> None:
 
 def load_chapters() -> None:
     """Import every chapter module, which registers its tasks."""
-    from .chapters import ch01_attention, ch02_positional_encoding, ch03_decoding_kv_cache  # noqa: F401
+    from .chapters import (  # noqa: F401
+        ch01_attention,
+        ch02_positional_encoding,
+        ch03_decoding_kv_cache,
+        ch04_quantization,
+    )
