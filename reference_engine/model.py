@@ -45,6 +45,11 @@ class PackedWeight:
 
     MAX_ROWS = 64  # larger inputs (prefill) are compute-bound: MKL's gemm does well there
 
+    def __deepcopy__(self, memo):
+        """A deep copy of a model drops its packed copies (they hold the compiled module,
+        which cannot be copied): the copy multiplies through F.linear, the same values."""
+        return None
+
     def __init__(self, weight: torch.Tensor):
         self.source = weight
         self.version = weight._version
@@ -227,7 +232,7 @@ class Transformer(nn.Module):
         for module in self.modules():
             if isinstance(module, Linear):
                 module.packed = PackedWeight(module.weight)
-        if self.config.tie_embeddings:
+        if "lm_head" not in self._modules:  # the embedding is the head (not when a quantized copy is)
             self.tied_head_packed = PackedWeight(head)
         return True
 

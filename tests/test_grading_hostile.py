@@ -172,3 +172,22 @@ def test_a_cell_that_ends_the_process_is_named():
     assert unfinished_cell(run) == 1 and not run.timed_out
     cells = [Cell(i + 1, source) for i, source in enumerate(job["cells"])]
     assert "ended while running cell 2" in child_problem(TASKS["1.1"], run, cells)
+
+
+def test_a_stopped_cell_is_not_blamed_on_tasks_with_more_room():
+    """A cell that ran out of time after a task's own set-up (loading a model, say) may well
+    finish without it, and one that ran out of memory may finish with more."""
+    from dataclasses import replace
+
+    from reference_engine.grading.grader import StoppedCell
+    from reference_engine.grading.tasks import TASKS
+
+    plain, with_setup = TASKS["1.1"], TASKS["1.5"]
+    cells = ["import torch", "while True: pass"]
+    after_setup = StoppedCell(tuple(cells), "stopped", 1 << 30, with_setup.harness_source)
+    alone = StoppedCell(tuple(cells), "stopped", 1 << 30, None)
+    assert after_setup.stops(with_setup, cells) and not after_setup.stops(plain, cells)
+    assert alone.stops(plain, cells) and alone.stops(with_setup, cells)
+    assert not alone.stops(plain, ["import torch", "x = 1"])
+    out_of_memory = StoppedCell(tuple(cells), "stopped", 4096, None)
+    assert not out_of_memory.stops(replace(plain, memory_mb=8192), cells)

@@ -366,11 +366,12 @@ def test_rmsnorm_statistic_in_float32_keeps_float16_finite():
 # -- SmolLM2 ----------------------------------------------------------------------------------------
 
 
-def test_smollm2_q4_1_is_the_file_as_shipped(smollm):
+def test_smollm2_q4_1_is_the_file_as_shipped():
     from reference_engine import load_model
     from reference_engine.bench import weight_bytes_per_token
 
     shipped, tokenizer = load_model(quantize="q4_1")
+    reference, _ = load_model(pack=False)  # the same matmuls (F.linear), float32 from the file
     c = shipped.config
     linears = c.n_layers * c.d_model * ((c.n_heads + 2 * c.n_kv_heads) * c.head_dim + c.n_heads * c.head_dim
                                         + 3 * c.ffn_dim)
@@ -378,7 +379,7 @@ def test_smollm2_q4_1_is_the_file_as_shipped(smollm):
     assert weight_bytes_per_token(shipped) == linears * 20 // 32 + c.vocab_size * c.d_model * 34 // 32 + norms
     ids = torch.tensor([tokenizer.encode_chat("What is the capital of France?")])
     with torch.no_grad():
-        torch.testing.assert_close(shipped(ids), smollm[0](ids), rtol=0, atol=2e-4)
+        assert torch.equal(shipped(ids), reference(ids)), "the file's own bytes are the reference's weights"
 
 
 def test_reference_logprobs_stand_in_for_the_reference_model():
@@ -390,3 +391,28 @@ def test_reference_logprobs_stand_in_for_the_reference_model():
     a, b = compare(model, candidate, windows), compare(reference_logprobs(model, windows), candidate, windows)
     assert a.tokens == b.tokens == 30 and a.top1 == b.top1
     assert a.kl == pytest.approx(b.kl, rel=1e-5) and a.perplexity == pytest.approx(b.perplexity, rel=1e-9)
+
+
+@pytest.mark.parametrize("n,granularity", [(384, 192), (256, "channel"), (96, 32)])
+def test_gptq_lazy_blocks_change_nothing(n, granularity):
+    """Updating the rest of the matrix once per block of 128 columns (groups inside a block,
+    or spanning whole blocks) gives the column-by-column result."""
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(1024, n, generator=g) @ (torch.randn(n, n, generator=g) / n**0.5 + torch.eye(n))
+    w, H = torch.randn(16, n, generator=g) * 0.05, hessian(x)
+    lazy = gptq_quantize(w, H, 4, granularity).dequantize()
+    one_block = gptq_quantize(w, H, 4, granularity, block_size=n).dequantize()
+    torch.testing.assert_close(lazy, one_block, rtol=0, atol=1e-5)
+
+
+def test_a_packed_model_can_be_copied_and_quantized_with_gptq():
+    model = tiny_llama(seed=8)
+    model.pack_for_cpu()
+    copy.deepcopy(model)  # packed copies are dropped, not copied
+    quantize_model(model, "int4-g16-gptq", calibration=torch.randint(0, 300, (4, 32)))
+    assert isinstance(model.layers[0].mlp.w2, QuantizedLinear)
+
+
+def test_calibration_longer_than_the_context_is_refused():
+    with pytest.raises(DojoError, match="exceed the model's context of 128"):
+        quantize_model(tiny_llama(), "int4-g16-gptq", calibration=torch.zeros(2, 200, dtype=torch.long))

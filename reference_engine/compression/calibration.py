@@ -48,5 +48,8 @@ def block_inputs(model, windows: torch.Tensor):
     """The first block's inputs for these windows, and what every block is called with:
     (x, rope, mask). Run the blocks one by one as x = layer(x, rope, 0, mask)."""
     B, T = windows.shape
+    if T > model.config.max_seq_len:
+        raise DojoError(f"calibration windows of {T} tokens exceed the model's context of "
+                        f"{model.config.max_seq_len}; use shorter windows")
     positions = torch.arange(T).expand(B, T)
     return model.embed(windows, 0, positions, None)

@@ -31,10 +31,10 @@ from .formats import QuantizedTensor, code_dtype, group_size_for, quantize_codes
 
 
 def hessian(inputs: torch.Tensor) -> torch.Tensor:
-    """H = X^T X / n for inputs (..., in), returned in float64 (the product itself in float32:
-    float64 matmuls are 20x slower here, and H's error then is far below the damping)."""
+    """H = X^T X / n for inputs (..., in), in float32 (float64 matmuls are 20x slower here,
+    and H's rounding error is far below the damping added to it)."""
     x = inputs.reshape(-1, inputs.shape[-1]).float()
-    return (x.T @ x).double() / x.shape[0]
+    return x.T @ x / x.shape[0]
 
 
 def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, granularity: str | int = 128,
@@ -47,14 +47,18 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, granular
     if granularity == "tensor":
         raise DojoError("GPTQ quantizes per channel or per group; a single scale for the tensor is not supported")
     group = group_size_for(granularity, (out, n))
-    block_size = max(block_size // group, 1) * group if group <= block_size else group  # groups never straddle blocks
-    W, H = weight.detach().float().clone(), H.double().clone()
+    # a group's scale is chosen at its first column from the columns as updated so far: a
+    # group lies inside one block, or starts at a block's start and spans whole blocks
+    if group <= block_size:
+        block_size = block_size // group * group
+    elif group % block_size:
+        block_size = group
+    W, H = weight.detach().float().clone(), H.float().clone()  # float32 throughout, as the paper's code
     dead = H.diagonal() == 0
     H[dead, dead] = 1
     W[:, dead] = 0
     H += damp * H.diagonal().mean() * torch.eye(n, dtype=H.dtype)
-    # the factorisations in float64, the sweep in float32 (as the paper's code does)
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()  # H^-1 = U^T U
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)  # H^-1 = U^T U
 
     codes = torch.zeros(n, out, dtype=code_dtype(symmetric))  # transposed: a column is a contiguous row
     Wt = W.t().contiguous()  # (in, out)
@@ -64,7 +68,7 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, bits: int = 4, granular
         W1, err1, U1 = Wt[i1:i2].clone(), torch.zeros(i2 - i1, out), U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             if (i1 + i) % group == 0:  # a new group: its scale from the weights as updated so far
-                g = W1[i : i + group]
+                g = W1[i : i + group] if i + group <= i2 - i1 else torch.cat([W1[i:], Wt[i2 : i1 + i + group]])
                 scale, zero = scale_and_zero(g.amin(0), g.amax(0), bits, symmetric)
                 scales.append(scale)
                 zeros.append(zero)

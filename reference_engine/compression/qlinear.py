@@ -45,13 +45,6 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.int() @ b.int()
 
 
-def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 codes of each row of x (rows, in), and the row scales (rows, 1)."""
-    amax = x.abs().amax(-1, keepdim=True)
-    scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
-    return (x / scale).round().clamp(-127, 127).to(torch.int8), scale
-
-
 class QuantizedLinear(nn.Module):
     """A linear layer whose weight is kept quantized (see the module docstring)."""
 
@@ -110,9 +103,8 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind != "w8a8":
             return F.linear(x, self.dequantized_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-        rows = x.reshape(-1, self.in_features).float()
-        codes, x_scale = quantize_per_token(rows)  # (rows, in) int8, (rows, 1)
-        y = int8_matmul(codes, self.codes_t).float() * x_scale * self.scale  # int32 sums, rescaled once
+        per_token = quantize(x.reshape(-1, self.in_features).float(), 8, True, "channel")  # a scale per row
+        y = int8_matmul(per_token.q, self.codes_t).float() * per_token.scale * self.scale  # int32 sums, rescaled once
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)

@@ -48,8 +48,8 @@ def compare(reference, model, windows: torch.Tensor) -> Quality:
     agree = total = 0
     for i, window in enumerate(windows):
         target = window[1:]
-        ref = (reference[i] if isinstance(reference, list)
-               else reference(window[None])[0, :-1].log_softmax(-1)).double()  # (W - 1, V)
+        ref = (reference[i].double() if isinstance(reference, list)
+               else reference(window[None])[0, :-1].double().log_softmax(-1))  # (W - 1, V)
         out = model(window[None])[0, :-1].double().log_softmax(-1)
         rows = torch.arange(len(target))
         nll_ref -= ref[rows, target].sum().item()

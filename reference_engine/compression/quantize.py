@@ -5,8 +5,9 @@ Formats (names as the CLI takes them):
   q4_1, q8_0, q4_0     GGUF blocks. Loaded from SmolLM2's file, q4_1 keeps the file's own
                        Q4_1 linears and Q8_0 embedding byte for byte: the model as shipped.
   int8                 int8 per output channel, symmetric, weight-only.
-  intB-gG              B = 8, 4 or 3 bits, one scale and zero point per group of G inputs
-                       (32, 64, 128, ...), weight-only; intB alone: per output channel.
+  intB-gG              B = 8, 4 or 3 bits, one scale per group of G inputs (32, 64, 192,
+                       ...), with a zero point at 4 and 3 bits (int8 is symmetric),
+                       weight-only; intB alone: per output channel.
   ...-gptq             the same format chosen by GPTQ on calibration text, not rounding.
   w8a8                 int8 weights per channel x int8 activations per token, int32 sums.
   w8a8-smooth          w8a8 after SmoothQuant (alpha 0.5, or the alpha given).
@@ -39,7 +40,8 @@ FORMATS = {
     "q8_0": "GGUF Q8_0 blocks",
     "q4_0": "GGUF Q4_0 blocks",
     "int8": "int8 per output channel, symmetric, weight-only",
-    "int4-g32": "int4 with a scale and zero point per 32 inputs (any intB-gG: B = 8, 4, 3; G divides the layers, for SmolLM2 32, 64, 96 or 192)",
+    "int4-g32": "int4 with a scale and zero point per 32 inputs (any intB-gG: B = 8, 4 or 3, int8 symmetric; "
+                "G must divide every layer's inputs, for SmolLM2 a divisor of 192 such as 32, 64, 96, 192)",
     "int4-g32-gptq": "the same, chosen by GPTQ on calibration text (any intB-gG-gptq)",
     "w8a8": "int8 weights per channel x int8 activations per token",
     "w8a8-smooth": "w8a8 after SmoothQuant (alpha 0.5)",
@@ -91,8 +93,8 @@ def linears_of(model) -> dict[str, torch.nn.Module]:
 
 
 def head_weight(model) -> torch.Tensor:
-    return model.lm_head.weight if "lm_head" in model._modules and hasattr(model.lm_head, "weight") \
-        else model.tok_embeddings.weight
+    """The LM head's matrix: its own (untied models), else the embedding's."""
+    return model.lm_head.weight if "lm_head" in model._modules else model.tok_embeddings.weight
 
 
 def quantize_model(model, fmt: str | Format, tokenizer=None, calibration: torch.Tensor | None = None,
@@ -114,11 +116,13 @@ def quantize_model(model, fmt: str | Format, tokenizer=None, calibration: torch.
     c = model.config
     if fmt.method == "smooth" and not 0 < alpha <= 1:
         raise DojoError(f"SmoothQuant's alpha must be in (0, 1], got {alpha}")
-    if fmt.method == "smooth" and (c.norm, c.mlp) != ("rmsnorm", "swiglu"):
-        raise DojoError(f"{fmt.name} folds its scales into RMSNorm and SwiGLU's up projection: Llama-family "
-                        f"models only (this one has {c.norm} and {c.mlp})")
+    if fmt.method == "smooth" and (c.norm, c.mlp, c.bias) != ("rmsnorm", "swiglu", False):
+        raise DojoError(f"{fmt.name} folds its scales into RMSNorm, SwiGLU's up projection and V: Llama-family "
+                        f"models without biases only (this one has {c.norm}, {c.mlp}, bias={c.bias})")
+    if model.tok_embeddings.weight.device.type != "cpu":
+        raise DojoError(f"{fmt.name}: integer formats run on the CPU here; load the model with device='cpu'")
     targets = linears_of(model)
-    check_shapes(fmt, {name: m.weight.shape for name, m in targets.items()} | {"head": head_weight(model).shape})
+    check_shapes(fmt, {name: m.weight.shape for name, m in targets.items()})
     if fmt.method in ("gptq", "smooth") and calibration is None:
         if tokenizer is None:
             raise DojoError(f"{fmt.name} calibrates on real text: pass tokenizer= (or calibration= token windows)")
@@ -152,6 +156,7 @@ def quantize_model(model, fmt: str | Format, tokenizer=None, calibration: torch.
 
 
 def check_shapes(fmt: Format, shapes: dict[str, torch.Size]) -> None:
+    """Every layer fits the format (the head, int8 per channel or Q8_0, has the blocks' width)."""
     for name, (out, n_in) in shapes.items():
         if fmt.kind == "blocks" and n_in % gguf_blocks.BLOCK:
             raise DojoError(f"{fmt.name} needs rows that are a multiple of {gguf_blocks.BLOCK} values; {name} has {n_in}")
@@ -183,9 +188,11 @@ def gptq_modules(model, calibration: torch.Tensor, fmt: Format) -> dict[str, Qua
     """GPTQ block by block: each block's four matrices are quantized from the inputs that the
     blocks before it, already quantized, produce (so later blocks correct for earlier
     errors). The model is not changed: each block runs as a copy."""
+    from tqdm import tqdm
+
     new = {}
     x, rope, mask = block_inputs(model, calibration)
-    for i, layer in enumerate(model.layers):
+    for i, layer in enumerate(tqdm(model.layers, desc=f"GPTQ {fmt.name}", unit="block", disable=None, leave=False)):
         inputs = {}
         hooks = [module.register_forward_pre_hook(
                      lambda _m, args, key=key: inputs.setdefault(key, []).append(args[0].detach()))

@@ -52,9 +52,11 @@ def activation_absmax(model, windows: torch.Tensor) -> list[dict[str, torch.Tens
                 stats[i][name] = torch.maximum(stats[i].get(name, peak), peak)
 
             hooks.append(module.register_forward_pre_hook(record))
+    from tqdm import tqdm
+
     try:
         x, rope, mask = block_inputs(model, windows)
-        for layer in model.layers:
+        for layer in tqdm(model.layers, desc="SmoothQuant: activation ranges", unit="block", disable=None, leave=False):
             x = layer(x, rope, 0, mask)
     finally:
         for h in hooks:

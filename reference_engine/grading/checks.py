@@ -104,8 +104,8 @@ def judge_values(task: Task, cases: list[Case], observed: dict) -> list[CheckRes
 
 
 def judge_common(task: Task, cases: list[Case], observed: dict, same_object: dict | None) -> list[CheckResult]:
-    checks = Task.COMMON
-    problems = {name: None for name in checks}
+    checks = {name: Task.COMMON[name] for name in task.common_names}
+    problems = {name: None for name in Task.COMMON}
     for case, rec in zip(cases, observed["calls"]):
         out = rec["output"]
         if problems["output_type"] is None and not rec["error"]:
@@ -205,7 +205,7 @@ def judge_task(task: Task, cases: list[Case], observed: dict, same_object: dict 
     if blocking:
         return all_fail(task, blocking)
     results = judge_values(task, cases, observed)
-    if task.common:
+    if task.common_names:
         results += gate(judge_common(task, cases, observed, same_object), results[0])
     if task.memory is not None:
         results += gate([judge_memory(task, observed.get("largest"))], results[0])

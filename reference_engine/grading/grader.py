@@ -60,7 +60,7 @@ def build_job(task: Task, cells: list[str], cases: list[Case], timed: bool = Tru
     the values are right)."""
     job = {**_base_job(task, cells), "calls": [{"args": c.args, "kwargs": c.kwargs} for c in cases],
            "same_object": None, "ops_call": 0 if task.forbidden_ops else None}  # the profiler costs time
-    if task.common:
+    if "no_caching" in task.common_names:
         g = torch.Generator().manual_seed(1234)
         probe = next(c for c in cases if c.check == next(iter(task.checks)))
         # new values of the same scale (a different scale would only test float32 rounding)
@@ -93,9 +93,13 @@ class StoppedCell:
     prefix: tuple[str, ...]  # the runnable cells up to and including it
     message: str
     memory_mb: int  # the child's memory limit: a child with more memory might get past the cell
+    harness: str | None  # trusted set-up that ran first, spending time and memory of the same limits
 
-    def stops(self, runnable: list[str], memory_mb: int) -> bool:
-        return tuple(runnable[: len(self.prefix)]) == self.prefix and memory_mb <= self.memory_mb
+    def stops(self, task: Task, runnable: list[str]) -> bool:
+        """Would `task`, running these cells, stop there too? Yes when it runs the same cells
+        under no more memory, after the same set-up (or the cell stopped with none)."""
+        return (tuple(runnable[: len(self.prefix)]) == self.prefix and task.memory_mb <= self.memory_mb
+                and self.harness in (None, task.harness_source))
 
 
 def grade_task(task: Task, cells: list[Cell], timeout_s: float = 60.0, stopped: list[StoppedCell] | None = None,
@@ -105,7 +109,7 @@ def grade_task(task: Task, cells: list[Cell], timeout_s: float = 60.0, stopped: 
     instead of waiting out its own time limit. `live` (report.Live) shows progress."""
     runnable = [c.source for c in cells if c.problem is None]
     for cell in stopped or []:
-        if cell.stops(runnable, task.memory_mb):
+        if cell.stops(task, runnable):
             return checks.all_fail(task, cell.message)
     try:
         cases = build_cases(task)  # some tasks need the real model or its tokenizer here
@@ -120,7 +124,7 @@ def grade_task(task: Task, cells: list[Cell], timeout_s: float = 60.0, stopped: 
         unfinished = unfinished_cell(run)
         if unfinished is not None and stopped is not None:
             memory_mb = 1 << 30 if run.timed_out else task.memory_mb  # endless whatever the memory
-            stopped.append(StoppedCell(tuple(runnable[: unfinished + 1]), problem, memory_mb))
+            stopped.append(StoppedCell(tuple(runnable[: unfinished + 1]), problem, memory_mb, task.harness_source))
         return checks.all_fail(task, problem)
 
     def remeasure(round_: int) -> dict | None:

@@ -72,6 +72,7 @@ class Task:
     speed: Speed | None = None
     memory: Memory | None = None
     common: bool = True  # output type, untouched inputs, no caching (off where inputs are token ids)
+    common_checks: tuple[str, ...] | None = None  # only these of COMMON (None: all three, when common)
     # dtypes of a tuple's outputs (None: the first float input's), for outputs that are codes
     output_dtypes: tuple[torch.dtype | None, ...] | None = None
     harness_source: str | None = None  # trusted code run in the child before the learner's: defines wrap(fn)
@@ -92,8 +93,15 @@ class Task:
                                "do not keep results between calls"),
     }
 
+    @property
+    def common_names(self) -> tuple[str, ...]:
+        """The COMMON checks this task has."""
+        if self.common_checks is not None:
+            return self.common_checks
+        return tuple(self.COMMON) if self.common else ()
+
     def all_checks(self) -> dict[str, Check]:
-        checks = {**self.checks, **(self.COMMON if self.common else {})}
+        checks = {**self.checks, **{name: self.COMMON[name] for name in self.common_names}}
         if self.memory is not None:
             checks["memory"] = Check(self.memory.points, self.memory.why)
         if self.speed is not None:

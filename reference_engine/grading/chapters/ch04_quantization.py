@@ -2,8 +2,9 @@
 Q4_1 blocks from raw bytes, a W8A8 matmul, SmoothQuant's scales and folding, GPTQ for one
 layer.
 
-References are the engine's own (`compression/`), run in float64 in the trusted process.
-Rounding to nearest has ties that float32 and float64 can settle differently, so the
+References are the engine's own (`compression/`), run in the trusted process (the grader
+hands them float64 inputs; some compute in float32). Rounding to nearest has ties that
+float32 and float64 can settle differently, so the
 inputs of the rounding tasks are built to have none: each row (or group) holds its
 extreme codes exactly, at a power-of-two scale, and every other value lies within 0.4 of
 a code. Then a correct function gets exactly the reference's codes, in float32 or not,
@@ -44,13 +45,18 @@ def symmetric_rows(g, rows: int, cols: int, negative_extreme: bool = False) -> t
 
 def asymmetric_groups(g, rows: int, cols: int, group: int, kind: str = "mixed") -> torch.Tensor:
     """Groups whose range [min, max] is exactly 15 steps with min a whole number of steps
-    below 0 (mixed), or min 0 < values (positive: the range is extended down to 0)."""
+    below 0 (mixed); or all values above 0 (positive) or below 0 (negative), so that the
+    range must be extended to 0."""
     n = rows * (cols // group)
     step = 2.0 ** -torch.randint(3, 8, (n, 1), generator=g).double()
     if kind == "positive":
         codes = near_codes(g, (n, group), 1, 15).clamp(0.6, 15.0)
         codes[:, 0] = 15.0  # the top code exactly; every value > 0, so min clamps to 0 and zero = 0
         return (codes * step).reshape(rows, cols).float()
+    if kind == "negative":
+        codes = near_codes(g, (n, group), 0, 14).clamp(0.0, 14.4)
+        codes[:, 0] = 0.0  # the bottom code exactly; every value < 0, so max clamps to 0 and zero = 15
+        return ((codes - 15) * step).reshape(rows, cols).float()
     zero = torch.randint(1, 15, (n, 1), generator=g).double()
     codes = near_codes(g, (n, group), 0, 15).clamp(0.0, 15.0)
     codes[:, 0], codes[:, 1] = 0.0, 15.0  # both ends exactly: range = 15 steps
@@ -99,6 +105,10 @@ def int4_cases(g):
              "groups whose values are all positive: the range still starts at 0 (scales)", output=1),
         Case("range_includes_zero", [asymmetric_groups(g, 3, 32, 8, "positive"), 8], {},
              "groups whose values are all positive: packed codes", output=0),
+        Case("range_includes_zero", [asymmetric_groups(g, 3, 32, 8, "negative"), 8], {},
+             "groups whose values are all negative: the range still ends at 0 (scales)", output=1),
+        Case("range_includes_zero", [asymmetric_groups(g, 3, 32, 8, "negative"), 8], {},
+             "groups whose values are all negative: zero points", output=2),
     ]
 
 
@@ -190,6 +200,11 @@ def function_unchanged(out, norm_weight, weight, act_absmax, alpha):
     if not torch.allclose(after, before, rtol=1e-4, atol=1e-4 * before.abs().max().item()):
         return (f"the layer no longer computes the same function: outputs differ by up to "
                 f"{(after - before).abs().max().item():.3g}")
+    act = act_absmax.double()
+    smoothed = act * (new_norm.double() / norm_weight.double())  # each channel's largest |x| after folding
+    if (smoothed.max() / smoothed.median()) > 0.5 * (act.max() / act.median()):
+        return ("the same function, but the activations' outlier channels were not flattened: the norm's "
+                "output channel j must be divided by s_j")
     return None
 
 
@@ -226,18 +241,23 @@ def correlated_hessian(g, n_in: int, n_samples: int = 1024, dead: int = 0) -> to
 
 
 def on_grid(out: torch.Tensor, bits: int, group: int) -> str | None:
-    """Every group of each row takes at most 2^bits values, evenly spaced."""
+    """Every group of each row takes values on one grid of 2^bits evenly spaced levels:
+    at most 2^bits distinct values, whole multiples of the smallest gap apart, spanning at
+    most 2^bits - 1 gaps. (Returning the weight unquantized, or a finer grid, fails here.)"""
     rows, n = out.shape
     for r in range(rows):
         for g0 in range(0, n, group):
+            where = f"row {r}, inputs {g0}..{g0 + group - 1}"
             values = torch.unique(out[r, g0 : g0 + group].double())
             if len(values) > 2**bits:
-                return f"row {r}, inputs {g0}..{g0 + group - 1} take {len(values)} values, more than 2^{bits}"
+                return f"{where} take {len(values)} different values, more than 2^{bits}"
             if len(values) > 2:
                 gaps = values.diff()
-                step = gaps.min()
-                if not torch.allclose(gaps / step, (gaps / step).round(), atol=1e-3):
-                    return f"row {r}, inputs {g0}..{g0 + group - 1}: the values are not evenly spaced codes"
+                steps = gaps / gaps.min()
+                if not torch.allclose(steps, steps.round(), atol=1e-3):
+                    return f"{where}: the values are not evenly spaced codes"
+                if steps.sum() > 2**bits - 1 + 1e-3:
+                    return f"{where}: the values span {steps.sum():.0f} steps, more than a {bits}-bit grid's {2**bits - 1}"
     return None
 
 
@@ -247,8 +267,9 @@ def judge_gptq(claim: str):
             return f"output shape {tuple(out.shape)}, expected {tuple(w.shape)}"
         if not torch.isfinite(out).all():
             return "inf or NaN in the quantized weight"
-        if claim == "grid":
-            return on_grid(out, bits, group_size)
+        off_grid = on_grid(out, bits, group_size)  # every claim is about a quantized weight
+        if claim == "grid" or off_grid:
+            return off_grid
         error = layer_error(w, out, H)
         if claim == "beats_rtn":
             rtn = layer_error(w, formats.quantize(w, bits, False, group_size).dequantize(), H)
@@ -316,7 +337,8 @@ register(
                                ".view(torch.float16), not as integers)"),
             "constant_blocks": Check(1, "a constant block has d = 0: every value is m"),
         },
-        common=False, atol=1e-6, rtol=1e-6,
+        common_checks=("inputs_unchanged",), blocked_modules=("reference_engine", "solutions", "tests", "gguf"),
+        atol=1e-6, rtol=1e-6,
     ),
     Task(
         id="4.4", chapter="ch04_quantization", title="a W8A8 matmul", function="w8a8_linear",
@@ -342,7 +364,7 @@ register(
             "dead_channels": Check(1, "a channel with max |x| = 0 would get s = 0 (and a division by zero): leave "
                                       "it alone, s = 1"),
         },
-        common=False, atol=1e-6, rtol=1e-5,
+        output_dtypes=(None, None), atol=1e-6, rtol=1e-5,
     ),
     Task(
         id="4.6", chapter="ch04_quantization", title="GPTQ for one layer", function="gptq",
@@ -359,6 +381,6 @@ register(
             "dead_inputs": Check(1, "inputs never active make H singular: set H_ii = 1 and w[:, i] = 0 for them, "
                                     "and damp before the Cholesky factorisation"),
         },
-        common=False,
+        common_checks=("output_type", "inputs_unchanged"),
     ),
 )
