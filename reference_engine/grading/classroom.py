@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..errors import DojoError
 from .grader import grade_path
+from .report import SILENT, Live
 
 
 def test_cell_for(task_id: str) -> str:
@@ -23,7 +24,7 @@ def test_cell_for(task_id: str) -> str:
     return "test_" + task_id.replace(".", "_")
 
 
-def grade_class(course: str | Path, assignment: str, timeout_s: float = 60.0, live=None) -> list[dict]:
+def grade_class(course: str | Path, assignment: str, timeout_s: float = 60.0, live: Live = SILENT) -> list[dict]:
     """Grade every submission; returns one row per student and notebook with the scores written.
     `live` (report.Live) shows progress per submission."""
     from nbgrader.api import Gradebook, MissingEntry
@@ -44,8 +45,7 @@ def grade_class(course: str | Path, assignment: str, timeout_s: float = 60.0, li
             raise DojoError(f"assignment {assignment!r} is not in {db}; run nbgrader generate_assignment first") from None
         for index, path in enumerate(submitted, 1):
             student, notebook = path.parents[1].name, path.stem
-            if live:
-                live.start_submission(index, len(submitted), student, path)
+            live.start_submission(index, len(submitted), student, path)
             report = grade_path(path, timeout_s=timeout_s, live=live)
             gb.update_or_create_student(student)
             try:

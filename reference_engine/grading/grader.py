@@ -12,6 +12,7 @@ import torch
 
 from ..errors import DojoError
 from . import checks
+from .report import SILENT, Live
 from .sandbox import run_child
 from .source import Cell, read_cells, scan
 from .tasks import CHAPTERS, TASKS, Case, Task, load_chapters
@@ -103,7 +104,7 @@ class StoppedCell:
 
 
 def grade_task(task: Task, cells: list[Cell], timeout_s: float = 60.0, stopped: list[StoppedCell] | None = None,
-               live=None) -> list[checks.CheckResult]:
+               live: Live = SILENT) -> list[checks.CheckResult]:
     """Every check of one task. `stopped` carries the cells that stopped an earlier task's
     child: a task that would run the same cells fails at once with the same message,
     instead of waiting out its own time limit. `live` (report.Live) shows progress."""
@@ -116,8 +117,7 @@ def grade_task(task: Task, cells: list[Cell], timeout_s: float = 60.0, stopped: 
     except DojoError as e:
         return checks.all_fail(task, f"cannot be graded on this machine: {e}")
     job = build_job(task, runnable, cases, timed=False)  # speed is measured only for correct code
-    if live:
-        live.stage(f"running your code on {len(cases)} cases in the sandbox")
+    live.stage(f"running your code on {len(cases)} cases in the sandbox")
     run = run_child(job, timeout_s=timeout_s, memory_mb=task.memory_mb)
     problem = child_problem(task, run, cells)
     if problem:
@@ -128,12 +128,10 @@ def grade_task(task: Task, cells: list[Cell], timeout_s: float = 60.0, stopped: 
         return checks.all_fail(task, problem)
 
     def remeasure(round_: int) -> dict | None:
-        if live:
-            live.stage("timing your function against the baseline" + (f" (round {round_ + 1})" if round_ else ""))
+        live.stage("timing your function against the baseline" + (f" (round {round_ + 1})" if round_ else ""))
         return measure_speed(task, runnable, round_, timeout_s)
 
-    if live:
-        live.stage("comparing with the reference")
+    live.stage("comparing with the reference")
     return checks.judge_task(task, cases, run.results["observed"], job["same_object"], remeasure)
 
 
@@ -205,7 +203,7 @@ def resolve_tasks(cells: list[Cell], path: Path, task_id: str | list[str] | None
 
 
 def grade_path(path: str | Path, task_id: str | list[str] | None = None, timeout_s: float = 60.0,
-               live=None) -> Report:
+               live: Live = SILENT) -> Report:
     """Grade the tasks of the notebook's chapter (or the task ids given) in the sandbox.
     `live` (report.Live) shows progress as tasks and checks are judged."""
     path = Path(path)
@@ -216,15 +214,11 @@ def grade_path(path: str | Path, task_id: str | list[str] | None = None, timeout
         cell.problem = scan(cell, blocked)
     report = Report(str(path), notes=[f"not run: {c.problem}" for c in cells if c.problem])
     stopped: list[StoppedCell] = []
-    if live:
-        live.start_notebook(path, tasks)
+    live.start_notebook(path, tasks)
     for task in tasks:
-        if live:
-            live.start_task(task)
+        live.start_task(task)
         results = grade_task(task, cells, timeout_s, stopped, live)
-        if live:
-            live.end_task(task, results)
+        live.end_task(task, results)
         report.results += results
-    if live:
-        live.end_notebook(report)
+    live.end_notebook(report)
     return report

@@ -30,14 +30,15 @@ class Live:
     to stderr, so stdout keeps only the report (or the one JSON object of --json).
     detail=False (grade-class) prints one line per task instead of one per check."""
 
-    def __init__(self, stream=None, detail: bool = True):
+    def __init__(self, stream=None, detail: bool = True, enabled: bool = True):
         self.stream = stream if stream is not None else sys.stderr
-        self.detail = detail
+        self.detail, self.enabled = detail, enabled
         self.tasks: list = []
         self.started = self.task_started = time.perf_counter()
 
     def _say(self, text: str) -> None:
-        print(text, file=self.stream, flush=True)
+        if self.enabled:
+            print(text, file=self.stream, flush=True)
 
     def _since(self, t0: float) -> str:
         return f"{time.perf_counter() - t0:.1f} s"
@@ -72,8 +73,12 @@ class Live:
         self._say(f"[{index}/{count}] {student}: {path}")
 
 
-def live_progress(wanted: bool | None, detail: bool = True) -> Live | None:
-    """A Live reporter when asked for (True), or by default (None) when stderr is a terminal."""
+SILENT = Live(enabled=False)
+
+
+def live_progress(wanted: bool | None, detail: bool = True) -> Live:
+    """A reporter that shows progress when asked for (True), or by default (None) when
+    stderr is a terminal; otherwise one that says nothing."""
     if wanted is None:
         wanted = sys.stderr.isatty()
-    return Live(detail=detail) if wanted else None
+    return Live(detail=detail, enabled=wanted)
