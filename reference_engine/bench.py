@@ -136,7 +136,7 @@ def bench_hf_decode(model, prompt: list[int], new_tokens: int, repeats: int = 3)
 
 def decode_path(model) -> str:
     """Which code decodes this model, for the report."""
-    quantized = sorted({m.extra_repr().split(", ", 2)[-1] for m in model.modules() if hasattr(m, "weight_bytes")})
+    quantized = sorted({m.storage for m in model.modules() if hasattr(m, "storage")})
     if quantized:
         return f"PyTorch blocks; quantized weights ({'; '.join(quantized)}) dequantized in every matmul"
     dtype = model.tok_embeddings.weight.dtype

@@ -17,11 +17,16 @@ import torch.nn.functional as F
 from .errors import DojoError
 
 
-def reference_text(n_chars: int = 40_000) -> str:
-    """The first n_chars of the pydoc topics, in a fixed (sorted) order."""
+def pydoc_topics() -> str:
+    """All of the pydoc topics, in a fixed (sorted) order."""
     from pydoc_data.topics import topics
 
-    return "\n\n".join(topics[k] for k in sorted(topics))[:n_chars]
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def reference_text(n_chars: int = 40_000) -> str:
+    """The first n_chars of the pydoc topics: the text `perplexity` scores."""
+    return pydoc_topics()[:n_chars]
 
 
 @torch.inference_mode()

@@ -11,15 +11,9 @@ from __future__ import annotations
 import torch
 
 from ..errors import DojoError
-from ..perplexity import reference_text
+from ..perplexity import pydoc_topics, reference_text
 
 CALIBRATION_START = 200_000  # characters: far past the evaluation text's 40,000
-
-
-def pydoc_text() -> str:
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[k] for k in sorted(topics))
 
 
 def windows_of(ids: list[int], n_windows: int, window: int, what: str) -> torch.Tensor:
@@ -34,7 +28,7 @@ def windows_of(ids: list[int], n_windows: int, window: int, what: str) -> torch.
 
 def calibration_windows(tokenizer, n_windows: int = 16, window: int = 256, text: str | None = None) -> torch.Tensor:
     """Token windows to calibrate on (default: the pydoc topics from CALIBRATION_START on)."""
-    text = pydoc_text()[CALIBRATION_START:] if text is None else text
+    text = pydoc_topics()[CALIBRATION_START:] if text is None else text
     return windows_of(tokenizer.encode(text), n_windows, window, "calibration")
 
 

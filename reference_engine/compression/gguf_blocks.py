@@ -34,7 +34,7 @@ BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q8_1": 36}
 KINDS = tuple(BLOCK_BYTES)
 
 
-def _check(kind: str, n_values: int) -> None:
+def _check(kind: str, n_values: int = 0) -> None:
     if kind not in BLOCK_BYTES:
         raise DojoError(f"unknown block format {kind!r}; choose one of {', '.join(KINDS)}")
     if n_values % BLOCK:
@@ -94,8 +94,7 @@ def quantize_blocks(x: torch.Tensor, kind: str) -> torch.Tensor:
 
 def dequantize_blocks(raw: torch.Tensor, kind: str) -> torch.Tensor:
     """uint8 bytes (..., n_blocks * block bytes) -> float32 values (..., n_blocks * 32)."""
-    if kind not in BLOCK_BYTES:
-        raise DojoError(f"unknown block format {kind!r}; choose one of {', '.join(KINDS)}")
+    _check(kind)
     size = BLOCK_BYTES[kind]
     if raw.dtype != torch.uint8 or raw.shape[-1] % size:
         raise DojoError(f"{kind} data must be uint8 bytes in whole blocks of {size}; got {raw.dtype} "

@@ -92,13 +92,11 @@ class QuantizedLinear(nn.Module):
             return gguf_blocks.dequantize_blocks(self.raw, self.block)
         if self.kind == "w8a8":
             return (self.codes_t.float() * self.scale).t()
+        zero = self.zero.float() if hasattr(self, "zero") else None
         codes = self.codes
         if self.bits <= 4:
-            codes = unpack_int4(codes).to(torch.int16) - (0 if hasattr(self, "zero") else 8)
-        rows = self.scale.shape[0]
-        q = codes.float().view(rows, -1, self.group)  # (rows, n_groups, group)
-        zero = self.zero.float().unsqueeze(-1) if hasattr(self, "zero") else 0.0
-        return ((q - zero) * self.scale.unsqueeze(-1)).view(self.out_features, self.in_features)
+            codes = unpack_int4(codes).to(torch.int16) - (0 if zero is not None else 8)
+        return QuantizedTensor(codes, self.scale, zero, self.bits, self.group).dequantize()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind != "w8a8":
@@ -114,8 +112,12 @@ class QuantizedLinear(nn.Module):
         """Bytes read per use: codes, scales, zero points or raw blocks (not the bias)."""
         return sum(b.numel() * b.element_size() for name, b in self.named_buffers() if name != "bias")
 
-    def extra_repr(self) -> str:
-        what = {"int": f"int{self.bits}, {self.group} values per scale" + (", zero point" if hasattr(self, "zero") else ""),
+    @property
+    def storage(self) -> str:
+        """How the weight is kept, in words. Example: "int4, 32 values per scale, zero point"."""
+        return {"int": f"int{self.bits}, {self.group} values per scale" + (", zero point" if hasattr(self, "zero") else ""),
                 "gguf": self.block, "w8a8": "int8 weights per channel x int8 activations per token"}[self.kind]
-        return f"in_features={self.in_features}, out_features={self.out_features}, {what}"
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.storage}"
 

@@ -179,7 +179,7 @@ def head_module(model, fmt: Format, raw: tuple[str, torch.Tensor] | None) -> Qua
     weight = head_weight(model).detach()
     bias = getattr(model._modules.get("lm_head"), "bias", None)
     if fmt.kind == "blocks":
-        return quantize_linear(weight, bias, Format("q8_0", "blocks", block="Q8_0"), raw)
+        return quantize_linear(weight, bias, parse_format("q8_0"), raw)
     return QuantizedLinear.from_quantized(quantize(weight, 8, True, "channel"), bias)
 
 

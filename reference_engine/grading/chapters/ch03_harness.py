@@ -59,10 +59,10 @@ def forced_logits(model: Transformer, ids: torch.Tensor, n_prefill: int, chunk: 
     model.setup_cache(B, T + chunk)
     try:
         out = [model(ids[:, :n_prefill])[:, -1:]]
-        if not rewind:
-            for s in range(n_prefill, T, chunk):
+        for s in range(n_prefill, T, 1 if rewind else chunk):
+            if not rewind:
                 out.append(model(ids[:, s : s + chunk], start=s))
-        for s in range(n_prefill, T) if rewind else ():
+                continue
             n_guesses = chunk - 1 if (s - n_prefill) % 2 == 0 else 0
             guesses = (ids[:, s : s + 1] + 1 + torch.arange(n_guesses)) % model.config.vocab_size  # (B, n_guesses)
             out.append(model(torch.cat([ids[:, s : s + 1], guesses], dim=1), start=s)[:, :1])
