@@ -137,18 +137,35 @@ def tiled_cases(g):
     ]
 
 
-BASELINE_NAIVE = """
+# The speed baseline tiles exactly as the task asks, but computes every tile and masks the
+# ones above the diagonal. Against the naive (Tq, Tk) version the ratio of a correct answer
+# moved with the machine's memory bandwidth (0.44 to 0.64 for the same code that skips
+# nothing); against this one only the skipped half shows: about 0.5 with skipping, 1.0 without.
+BASELINE_EVERY_TILE = """
     import math
     import torch
 
-    def naive(q, k, v, causal=False, block_size=64):
-        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, Tq, Tk): all of it
-        if causal:
-            Tq, Tk = scores.shape[-2:]
-            visible = torch.ones(Tq, Tk, dtype=torch.bool).tril(Tk - Tq)
-            scores = scores.masked_fill(~visible, float("-inf"))
-        lse = scores.logsumexp(-1, keepdim=True)
-        return (scores - lse).exp() @ v, lse.squeeze(-1)
+    def every_tile(q, k, v, causal=False, block_size=64):
+        Tq, Tk, D = q.shape[2], k.shape[2], q.shape[3]
+        outs, lses = [], []
+        for qs in range(0, Tq, block_size):
+            qb = q[:, :, qs:qs + block_size]
+            rows = torch.arange(qs, qs + qb.shape[2])[:, None] + (Tk - Tq)
+            m = torch.full(qb.shape[:3] + (1,), float("-inf"), dtype=q.dtype)
+            l = torch.zeros_like(m)
+            acc = torch.zeros_like(qb)
+            for ks in range(0, Tk, block_size):  # all key blocks, the ones above the diagonal too
+                s = qb @ k[:, :, ks:ks + block_size].transpose(-2, -1) / math.sqrt(D)
+                if causal:
+                    s = s.masked_fill(torch.arange(ks, ks + s.shape[-1]) > rows, float("-inf"))
+                m_new = torch.maximum(m, s.amax(-1, keepdim=True))
+                p, fix = (s - m_new).exp(), (m - m_new).exp()
+                l = l * fix + p.sum(-1, keepdim=True)
+                acc = acc * fix + p @ v[:, :, ks:ks + block_size]
+                m = m_new
+            outs.append(acc / l)
+            lses.append((m + l.log()).squeeze(-1))
+        return torch.cat(outs, 2), torch.cat(lses, 2)
 """
 T_MEMORY, BLOCK_MEMORY = 1024, 64
 _g = torch.Generator().manual_seed(7)
@@ -286,12 +303,13 @@ register(
                       max_elements=4 * 2 * T_MEMORY * BLOCK_MEMORY,
                       why="never build the (q_len, kv_len) score matrix: only (block, block) tiles at a time"),
         speed=Speed(
-            baseline_source=BASELINE_NAIVE, baseline_name="naive",
+            baseline_source=BASELINE_EVERY_TILE, baseline_name="every_tile",
             make_inputs=lambda g: [torch.randn(1, 1, 4096, 64, generator=g) for _ in range(3)],
-            kwargs={"causal": True, "block_size": 256}, max_ratio=0.65, pairs=9,
+            kwargs={"causal": True, "block_size": 256}, max_ratio=0.75, pairs=9,
             why="tile the queries as well as the keys, and with causal=True let a query block stop at the key "
                 "block holding its last position: the tiles above the diagonal (half the work) are never "
-                "computed, while the naive version computes all 4096 x 4096 scores and masks half of them",
+                "computed; the baseline is tiled attention that computes every tile and masks the ones above "
+                "the diagonal",
         ),
     ),
     Task(
