@@ -1,8 +1,10 @@
-"""Optional compiled CPU kernels for decoding (`csrc/decode_kernels.cpp`):
+"""Optional compiled CPU kernels for decoding (`csrc/`):
   - `pack_weight` / `packed_linear`: a matmul for 1-64 rows of activations on weights
     copied once into column blocks of 16 outputs;
-  - `llama_block_decode`: one Llama block for one new token per row, in one call
-    (`Transformer.decode_step_fused` uses it).
+  - `quant_linear`: a matmul on quantized weights with int8 activations and integer dot
+    products (`quant_matmul.cpp`; `compression/kernel_layout.py` repacks the weights);
+  - `llama_block_decode`: one Llama block for one new token per row, in one call, with
+    float32 or quantized weights (`fused_decode.py` uses it).
 
 They are built once per machine with the system's C++ compiler (set-up runs
 `python -m reference_engine build-kernels`, about 30 s) and cached under
@@ -20,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).parent / "csrc" / "decode_kernels.cpp"
+FOLDER = Path(__file__).parent / "csrc"
+SOURCES = [FOLDER / "decode_kernels.cpp", FOLDER / "quant_matmul.cpp"]  # and the header they share
 
 _loaded = None  # the compiled module, once loaded
 _error: str | None = None  # why it is not available, for `bench`
@@ -28,13 +31,14 @@ _error: str | None = None  # why it is not available, for `bench`
 
 def build_dir() -> Path:
     """One folder per kernel source and torch version, so an upgrade rebuilds."""
-    tag = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+    text = b"".join(p.read_bytes() for p in [*SOURCES, FOLDER / "quant_matmul.h"])
+    tag = hashlib.sha256(text + torch.__version__.encode()).hexdigest()[:12]
     root = Path(os.environ.get("DOJO_KERNEL_DIR", Path.home() / ".cache" / "inference-dojo" / "kernels"))
     return root / f"decode_kernels_{tag}"
 
 
 def kernels(build: bool = False):
-    """The compiled module (pack_weight, packed_linear, llama_block_decode), or None where
+    """The compiled module (pack_weight, packed_linear, quant_linear, llama_block_decode), or None where
     unavailable. build=False loads a module built earlier and never compiles; build=True
     compiles it first if needed."""
     global _loaded, _error
@@ -51,7 +55,7 @@ def kernels(build: bool = False):
         from torch.utils.cpp_extension import load
 
         folder.mkdir(parents=True, exist_ok=True)
-        _loaded = load("dojo_decode_kernels", sources=[str(SOURCE)], build_directory=str(folder),
+        _loaded = load("dojo_decode_kernels", sources=[str(p) for p in SOURCES], build_directory=str(folder),
                        extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
                        verbose=False)
     except Exception as e:  # no compiler, no ninja, a compile error: fall back, and say why
@@ -64,5 +68,6 @@ def kernels(build: bool = False):
 def status() -> str:
     """One line for reports: which code decodes."""
     if _loaded is not None:
-        return "compiled: Llama blocks fused, packed matmuls for 1-64 rows"
+        return ("compiled: Llama blocks fused, packed matmuls for 1-64 rows, integer matmuls on quantized weights"
+                + ("" if _loaded.have_vnni() else " (no AVX-512 VNNI: their plain loop)"))
     return f"PyTorch blocks, oneDNN matmuls (compiled kernels {_error or 'not loaded'})"

@@ -10,7 +10,8 @@ PyTorch.
 
 It is taken only where it computes what the modules would (`applies`): the kernels are
 built; the model is a float32 Llama-family model on the CPU; the weights are the ones
-packed (not edited since); and nothing was swapped in: every block, attention, MLP and norm
+packed (not edited since), float32 or quantized (`QuantizedLinear` with its codes repacked
+for the integer matmul, `compression/kernel_layout.py`); and nothing was swapped in: every block, attention, MLP and norm
 is the engine's own class with no hooks, attention is the configured implementation, the
 cache is the engine's static `KVCache`. A learner's attention function, cache class or
 forward hook therefore always runs. No gradients flow through it, so it is also skipped
@@ -24,6 +25,7 @@ import torch
 from . import cpu_kernels
 from . import model as m
 from .attention import ATTENTION_IMPLS
+from .compression.qlinear import QuantizedLinear
 from .kv_cache import KVCache
 
 _OWN_MODULES = {"attn_norm": "RMSNorm", "attn": "Attention", "ffn_norm": "RMSNorm", "mlp": "MLP"}
@@ -60,9 +62,20 @@ def _own_block(layer, attend) -> bool:
     attn, mlp = layer.attn, layer.mlp
     if attn.attend is not attend or type(attn.kv_cache) is not KVCache:
         return False
-    return all(type(lin) is m.Linear and not _hooked(lin) and lin.packed is not None
-               and lin.packed.blocks is not None and lin.packed.current(lin.weight)
-               for lin in (attn.wqkv, attn.wo, mlp.w13, mlp.w2))
+    return all(not _hooked(lin) and weight_parts(lin) is not None for lin in (attn.wqkv, attn.wo, mlp.w13, mlp.w2))
+
+
+def weight_parts(lin) -> list[torch.Tensor] | None:
+    """What `llama_block_decode` multiplies by: [packed] for a float32 `Linear` with a
+    current compiled copy, [codes, d, m] for a `QuantizedLinear` with a current repacked
+    copy (int8 activations, no bias); None where the block must run as modules."""
+    if type(lin) is m.Linear:
+        ok = lin.packed is not None and lin.packed.blocks is not None and lin.packed.current(lin.weight)
+        return [lin.packed.blocks] if ok else None
+    if type(lin) is QuantizedLinear and lin.activations == "int8" and lin.bias is None:
+        k = lin.kernel
+        return [k.codes, k.d, k.m] if k is not None and k.current(lin) else None
+    return None
 
 
 class Plan:
@@ -72,7 +85,7 @@ class Plan:
 
     def __init__(self, model: "m.Transformer"):
         self.watch = [(model.__dict__, "config", model.config), (model._modules, "layers", model.layers)]
-        self.modules, self.packed, self.blocks = [], [], []
+        self.modules, self.linears, self.blocks = [], [], []
         for i, layer in enumerate(model.layers):
             attn, mlp, cache = layer.attn, layer.mlp, layer.attn.kv_cache
             linears = (attn.wqkv, attn.wo, mlp.w13, mlp.w2)
@@ -82,19 +95,26 @@ class Plan:
                            (mlp._modules, "w2", mlp.w2), (attn._modules, "wqkv", attn.wqkv),
                            (attn._modules, "wo", attn.wo)]
             self.watch += [(layer._modules, name, getattr(layer, name)) for name in _OWN_MODULES]
-            self.watch += [(part._parameters, "weight", part.weight)
-                           for part in (layer.attn_norm, layer.ffn_norm, *linears)]
+            self.watch += [(part._parameters, "weight", part.weight) for part in (layer.attn_norm, layer.ffn_norm)]
+            self.watch += [(lin._parameters, "weight", lin.weight) for lin in linears if type(lin) is m.Linear]
+            self.watch += [(lin.__dict__, "kernel", lin.kernel) for lin in linears if type(lin) is QuantizedLinear]
             self.modules += [layer, layer.attn_norm, attn, layer.ffn_norm, mlp, *linears]
-            self.packed += [lin.packed for lin in linears]
+            self.linears += linears
             self.blocks.append((layer.attn_norm.weight, layer.ffn_norm.weight, layer.attn_norm.eps,
-                                *(lin.packed.blocks for lin in linears), cache.k_cache, cache.v_cache,
+                                *(weight_parts(lin) for lin in linears), cache.k_cache, cache.v_cache,
                                 attn.n_heads, attn.rope_layout == "adjacent"))
 
     def holds(self) -> bool:
         return (cpu_kernels._loaded is not None and not torch.is_grad_enabled() and not _global_hooks()
                 and all(where.get(key) is value for where, key, value in self.watch)
                 and not any(_hooked(module) for module in self.modules)
-                and all(p.source._version == p.version for p in self.packed))
+                and all(_current(lin) for lin in self.linears))
+
+
+def _current(lin) -> bool:
+    if type(lin) is m.Linear:
+        return lin.packed.source._version == lin.packed.version
+    return lin.activations == "int8" and lin.kernel.current(lin)
 
 
 def plan_for(model: "m.Transformer") -> Plan | None:

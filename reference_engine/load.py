@@ -30,7 +30,10 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch
     """Load a Llama-architecture GGUF file; the default is SmolLM2-135M-Instruct.
 
     pack: on the CPU in float32, also keep packed copies of the weights for fast
-    decoding (`Transformer.pack_for_cpu`; doubles the memory of the weights).
+    decoding (`Transformer.pack_for_cpu`; doubles the memory of the weights). With
+    quantize=, the codes are repacked for the compiled integer matmul and the activations
+    of those layers are quantized to int8 per block of 32 (its arithmetic, with or without
+    the compiled kernels); pack=False keeps the quantized model weight-only.
     quantize: a format of `compression.quantize.FORMATS` ("q4_1", "int8", "int4-g32",
         "w8a8", "bf16", ...); "q4_1" keeps the file's own Q4_1 and Q8_0 bytes.
     config_overrides: any of LOAD_OVERRIDES, e.g. rope_layout="adjacent", or
@@ -59,7 +62,7 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch
 
         raw = raw_blocks_from_gguf(reader, config) if fmt.kind == "blocks" else None
         quantize_model(model, fmt, tokenizer=tokenizer, raw_blocks=raw)
-    elif pack:
+    if pack:
         model.pack_for_cpu()
     return model, tokenizer
 

@@ -223,15 +223,21 @@ class Transformer(nn.Module):
             self.register_buffer("rope_sin", sin.to(device), persistent=False)
 
     def pack_for_cpu(self) -> bool:
-        """Give every matmul a oneDNN-blocked copy of its weight for fast small-batch
-        decoding (see `PackedWeight`). Returns False, changing nothing, where unsupported
-        (not float32, not on the CPU, PyTorch built without oneDNN)."""
+        """Give every matmul a copy of its weight laid out for fast small-batch decoding:
+        float32 weights a packed copy (see `PackedWeight`); quantized ones their codes
+        repacked for the compiled integer matmul, and int8 activations per block of 32
+        (`QuantizedLinear.prepare_kernel`; formats it does not cover stay as they are).
+        Returns False, changing nothing, where unsupported (not float32, not on the CPU,
+        PyTorch built without oneDNN)."""
         head = self.tok_embeddings.weight
         if not PackedWeight.supported(head):
             return False
+        cpu_kernels.kernels()  # load them where built (never builds)
         for module in self.modules():
             if isinstance(module, Linear):
                 module.packed = PackedWeight(module.weight)
+            elif hasattr(module, "prepare_kernel"):  # a QuantizedLinear
+                module.prepare_kernel()
         if "lm_head" not in self._modules:  # the embedding is the head (not when a quantized copy is)
             self.tied_head_packed = PackedWeight(head)
         return True

@@ -16,8 +16,11 @@ The PyTorch path here is the readable one: weight-only formats dequantize the wh
 to float32 in every call and then run F.linear, so they cost more time than float32 (the
 codes are read, then a float32 copy is written and read), not less; their memory is what
 shrinks. Decoding faster than float32 takes a kernel that multiplies the codes where they
-lie, reading fewer bytes (the compiled decode path's job). The tensors kept here (codes,
-scales, zero points, raw blocks) are what such a kernel repacks once, at load.
+lie, reading fewer bytes: `prepare_kernel` (called by `Transformer.pack_for_cpu`, so by
+`load_model(quantize=...)`) repacks the codes once for the compiled integer matmul
+(`kernel_layout.py`) and switches the layer to int8 activations per block of 32, the
+arithmetic that kernel does. The PyTorch path then does the same arithmetic in float, so
+the compiled kernels change the speed, not the tokens.
 """
 
 from __future__ import annotations
@@ -26,8 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import cpu_kernels
 from . import gguf_blocks
 from .formats import QuantizedTensor, pack_int4, quantize, unpack_int4
+from .kernel_layout import KernelWeight, quantize_activations, unsigned_codes
 
 
 def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -47,6 +52,9 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 class QuantizedLinear(nn.Module):
     """A linear layer whose weight is kept quantized (see the module docstring)."""
+
+    activations = "float"  # or "int8": quantized per row and block of 32 (`prepare_kernel`)
+    kernel: KernelWeight | None = None  # the codes in the compiled matmul's layout
 
     def __init__(self, kind: str, in_features: int, out_features: int, bias: torch.Tensor | None,
                  tensors: dict[str, torch.Tensor], bits: int = 8, group: int = 0, block: str = ""):
@@ -98,9 +106,33 @@ class QuantizedLinear(nn.Module):
             codes = unpack_int4(codes).to(torch.int16) - (0 if zero is not None else 8)
         return QuantizedTensor(codes, self.scale, zero, self.bits, self.group).dequantize()
 
+    def prepare_kernel(self) -> bool:
+        """Switch to int8 activations per block of 32 and repack the codes for the compiled
+        integer matmul. False, changing nothing, for a format it does not cover."""
+        if self.activations == "int8" and self.kernel is not None and self.kernel.current(self):
+            return True
+        if unsigned_codes(self) is None:
+            return False
+        self.kernel, self.activations = KernelWeight(self), "int8"
+        return True
+
+    def kernel_fits(self, x: torch.Tensor) -> bool:
+        """The compiled matmul can run: built, a current repacked copy, float32 on the CPU, no gradient wanted."""
+        return (self.kernel is not None and cpu_kernels._loaded is not None and x.dtype == torch.float32
+                and x.is_cpu and not (torch.is_grad_enabled() and x.requires_grad) and self.kernel.current(self))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.activations == "int8":
+            if self.kernel_fits(x):
+                k = self.kernel
+                y = cpu_kernels._loaded.quant_linear(x.reshape(-1, self.in_features).contiguous(), k.codes, k.d, k.m,
+                                                     self.out_features)
+                y = y.view(*x.shape[:-1], self.out_features)
+                return y if bias is None else y + bias
+            x = quantize_activations(x.float()).to(x.dtype)  # the same arithmetic, in float
         if self.kind != "w8a8":
-            return F.linear(x, self.dequantized_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+            return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
         per_token = quantize(x.reshape(-1, self.in_features).float(), 8, True, "channel")  # a scale per row
         y = int8_matmul(per_token.q, self.codes_t).float() * per_token.scale * self.scale  # int32 sums, rescaled once
         if self.bias is not None:
@@ -119,5 +151,6 @@ class QuantizedLinear(nn.Module):
                 "gguf": self.block, "w8a8": "int8 weights per channel x int8 activations per token"}[self.kind]
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, {self.storage}"
+        acts = ", int8 activations per 32 inputs" if self.activations == "int8" else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.storage}{acts}"
 

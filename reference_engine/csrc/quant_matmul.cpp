@@ -1,0 +1,230 @@
+// Integer matmuls on quantized weights, for decoding (1 to 64 rows of activations).
+//
+// Why integers. A decode step reads every weight once per token; 4-bit codes are an eighth
+// of float32's bytes, but a kernel that turns each code back into a float before the
+// multiply spends more instructions per byte than the memory takes to deliver it, and at
+// batch 16 it is as compute-bound as float32. So the activations are quantized too, per
+// row and block of 32 inputs to int8 with one float scale (dx), and the products are
+// summed in integers: AVX-512 VNNI's vpdpbusd multiplies 64 unsigned bytes by 64 signed
+// bytes and adds each group of 4 products into one of 16 int32 lanes, in one instruction.
+//
+// The weight layout is chosen for that instruction, not taken from the file (the repack
+// happens once, in `compression/kernel_layout.py`). Every format becomes unsigned codes u
+// with a float scale d and offset m per output and block of 32 inputs: w = d * u + m
+// (Q4_1: u = q, m = min; Q4_0 and symmetric int4: m = -8 d; Q8_0 and int8: u = q + 128,
+// m = -128 d). One block of 16 outputs x 32 inputs is 512 bytes of 8-bit codes, or 256 of
+// 4-bit ones two per byte, arranged so that one 64-byte load holds, for each output lane
+// i, the codes of 4 consecutive inputs (8-bit) or of 4 + 4 (4-bit: inputs k..k+3 in the
+// low nibbles, k+4..k+7 in the high ones). Then for one row of activations:
+//   sum_k w[i][k] x[k] = sum over blocks of  d[i] dx * (sum_k u[i][k] a[k])  +  m[i] * sx
+// with sx = dx * sum_k a[k]: the integer sum is exact, and the offset costs one multiply
+// per block, not one per weight.
+#include "quant_matmul.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+namespace dojo {
+
+namespace {
+
+// The plain loop of quantize_rows, for one row.
+void quantize_row(const float* x, int64_t nb, int8_t* a, float* dx, float* sx) {
+  for (int64_t b = 0; b < nb; ++b) {
+    const float* xb = x + b * kQBlock;
+    int8_t* ab = a + b * kQBlock;
+    float amax = 0.0f;
+    for (int64_t k = 0; k < kQBlock; ++k) amax = std::max(amax, std::fabs(xb[k]));
+    const float scale = amax / 127.0f;
+    const float inverse = scale > 0.0f ? 1.0f / scale : 0.0f;
+    int32_t total = 0;
+    for (int64_t k = 0; k < kQBlock; ++k) {
+      // nearbyint rounds half to even, as torch.round does (the PyTorch path's twin)
+      ab[k] = static_cast<int8_t>(std::nearbyint(xb[k] * inverse));
+      total += ab[k];
+    }
+    dx[b] = scale;
+    sx[b] = scale * static_cast<float>(total);
+  }
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+// The same for one row, 32 values in two registers at a time (the plain loop does not
+// vectorise: nearbyint and the int8 narrowing stop the compiler). cvtps_epi32 rounds half
+// to even under the default rounding mode, as nearbyint does.
+void quantize_row_simd(const float* x, int64_t nb, int8_t* a, float* dx, float* sx) {
+  for (int64_t b = 0; b < nb; ++b) {
+    const __m512 x0 = _mm512_loadu_ps(x + b * kQBlock), x1 = _mm512_loadu_ps(x + b * kQBlock + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
+    const float scale = amax / 127.0f;
+    const __m512 inverse = _mm512_set1_ps(scale > 0.0f ? 1.0f / scale : 0.0f);
+    const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, inverse));
+    const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, inverse));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(a + b * kQBlock), _mm512_cvtepi32_epi8(q0));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(a + b * kQBlock + 16), _mm512_cvtepi32_epi8(q1));
+    dx[b] = scale;
+    sx[b] = scale * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)));
+  }
+}
+#endif
+
+}  // namespace
+
+void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* a, float* dx, float* sx, bool simd) {
+  const int64_t nb = K / kQBlock;
+  for (int64_t r = 0; r < M; ++r) {
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+    if (simd) {
+      quantize_row_simd(x + r * K, nb, a + r * K, dx + r * nb, sx + r * nb);
+      continue;
+    }
+#endif
+    quantize_row(x + r * K, nb, a + r * K, dx + r * nb, sx + r * nb);
+  }
+}
+
+namespace {
+
+constexpr int64_t kOut = 16;  // outputs per group: one 512-bit register of int32 / float lanes
+
+// The plain loop: what the vector tile computes, one output at a time, in the same order
+// of float operations (fma of the block's integer sum, then fma of the offset).
+void plain_group(const int8_t* a, const float* dx, const float* sx, int64_t M, int64_t K, const uint8_t* codes,
+                 int64_t block_bytes, const float* d, const float* m, float* y, int64_t n_out, int64_t col) {
+  const int64_t nb = K / kQBlock;
+  const bool nibbles = block_bytes == 256;
+  for (int64_t i = 0; i < kOut && col + i < n_out; ++i)
+    for (int64_t r = 0; r < M; ++r) {
+      float acc = 0.0f;
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* w = codes + b * block_bytes;
+        const int8_t* ar = a + r * K + b * kQBlock;
+        int32_t isum = 0;
+        for (int64_t k = 0; k < kQBlock; ++k) {
+          int32_t u;
+          if (nibbles) {  // chunk k / 8, lane i, byte k % 4, high nibble for k % 8 >= 4
+            const uint8_t byte = w[(k / 8) * 64 + 4 * i + k % 4];
+            u = (k % 8 < 4) ? (byte & 0x0F) : (byte >> 4);
+          } else {
+            u = w[(k / 4) * 64 + 4 * i + k % 4];
+          }
+          isum += u * ar[k];
+        }
+        acc = std::fma(static_cast<float>(isum), d[b * kOut + i] * dx[r * nb + b], acc);
+        acc = std::fma(m[b * kOut + i], sx[r * nb + b], acc);
+      }
+      y[r * n_out + col + i] = acc;
+    }
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+constexpr bool kHaveVnni = true;
+
+inline __m512i broadcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+
+// R rows of activations times one group of 16 outputs. The block's codes are loaded (and
+// their nibbles split) once and used for all R rows.
+template <int R, bool kNibbles>
+void tile(const int8_t* a, const float* dx, const float* sx, int64_t K, const uint8_t* codes, const float* d,
+          const float* m, float* y, int64_t n_out, int64_t col) {
+  const int64_t nb = K / kQBlock;
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  constexpr int64_t kBytes = kNibbles ? 256 : 512;
+  for (int64_t b = 0; b < nb; ++b) {
+    // ask for the codes 4 blocks ahead now: the tile waits for memory less (measured at
+    // batch 16: the 30 blocks took 13 ms with prefetching by the hardware alone, x with this)
+    for (int64_t line = 0; line < kBytes; line += 64) _mm_prefetch(reinterpret_cast<const char*>(codes + (b + 4) * kBytes + line), _MM_HINT_T0);
+    __m512i w[8];  // w[t]: 4 codes per lane, for inputs 4t .. 4t + 3 of the block
+    if (kNibbles) {
+      const uint8_t* wb = codes + b * 256;
+      for (int c = 0; c < 4; ++c) {
+        const __m512i v = _mm512_loadu_si512(wb + 64 * c);
+        w[2 * c] = _mm512_and_si512(v, low);
+        w[2 * c + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+      }
+    } else {
+      const uint8_t* wb = codes + b * 512;
+      for (int t = 0; t < 8; ++t) w[t] = _mm512_loadu_si512(wb + 64 * t);
+    }
+    const __m512 dv = _mm512_loadu_ps(d + b * kOut), mv = _mm512_loadu_ps(m + b * kOut);
+    for (int r = 0; r < R; ++r) {
+      const int8_t* ar = a + r * K + b * kQBlock;
+      __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();  // two chains: half the latency
+      for (int t = 0; t < 8; t += 2) {
+        s0 = _mm512_dpbusd_epi32(s0, w[t], broadcast4(ar + 4 * t));
+        s1 = _mm512_dpbusd_epi32(s1, w[t + 1], broadcast4(ar + 4 * t + 4));
+      }
+      const __m512 isum = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
+      acc[r] = _mm512_fmadd_ps(isum, _mm512_mul_ps(dv, _mm512_set1_ps(dx[r * nb + b])), acc[r]);
+      acc[r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(sx[r * nb + b]), acc[r]);
+    }
+  }
+  const int64_t left = std::min<int64_t>(kOut, n_out - col);
+  const __mmask16 keep = left == kOut ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+  for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(y + r * n_out + col, keep, acc[r]);
+}
+
+template <bool kNibbles>
+void vector_group(const int8_t* a, const float* dx, const float* sx, int64_t M, int64_t K, const uint8_t* codes,
+                  const float* d, const float* m, float* y, int64_t n_out, int64_t col) {
+  const int64_t nb = K / kQBlock;
+  int64_t r = 0;
+  for (; r + 8 <= M; r += 8) tile<8, kNibbles>(a + r * K, dx + r * nb, sx + r * nb, K, codes, d, m, y + r * n_out, n_out, col);
+  const int64_t rest = M - r;
+  const int8_t* ar = a + r * K;
+  const float *dr = dx + r * nb, *sr = sx + r * nb;
+  float* yr = y + r * n_out;
+  switch (rest) {  // the last 1-7 rows in one tile
+    case 7: tile<7, kNibbles>(ar, dr, sr, K, codes, d, m, yr, n_out, col); break;
+    case 6: tile<6, kNibbles>(ar, dr, sr, K, codes, d, m, yr, n_out, col); break;
+    case 5: tile<5, kNibbles>(ar, dr, sr, K, codes, d, m, yr, n_out, col); break;
+    case 4: tile<4, kNibbles>(ar, dr, sr, K, codes, d, m, yr, n_out, col); break;
+    case 3: tile<3, kNibbles>(ar, dr, sr, K, codes, d, m, yr, n_out, col); break;
+    case 2: tile<2, kNibbles>(ar, dr, sr, K, codes, d, m, yr, n_out, col); break;
+    case 1: tile<1, kNibbles>(ar, dr, sr, K, codes, d, m, yr, n_out, col); break;
+    default: break;
+  }
+}
+#else
+constexpr bool kHaveVnni = false;
+#endif
+
+}  // namespace
+
+bool have_vnni() { return kHaveVnni; }
+
+void quant_matmul(const int8_t* a, const float* dx, const float* sx, int64_t M, int64_t K, const uint8_t* codes,
+                  int64_t block_bytes, const float* d, const float* m, int64_t n_groups, float* y, int64_t n_out,
+                  bool simd) {
+  const int64_t nb = K / kQBlock;
+  // Groups of 16 outputs are shared out between the threads; a group's codes stay in its
+  // thread's cache while every row uses them.
+#pragma omp parallel for schedule(static)
+  for (int64_t g = 0; g < n_groups; ++g) {
+    const uint8_t* cg = codes + g * nb * block_bytes;
+    const float *dg = d + g * nb * kOut, *mg = m + g * nb * kOut;
+    const int64_t col = g * kOut;
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+    if (simd) {
+      if (block_bytes == 256) {
+        vector_group<true>(a, dx, sx, M, K, cg, dg, mg, y, n_out, col);
+      } else {
+        vector_group<false>(a, dx, sx, M, K, cg, dg, mg, y, n_out, col);
+      }
+      continue;
+    }
+#endif
+    plain_group(a, dx, sx, M, K, cg, block_bytes, dg, mg, y, n_out, col);
+  }
+}
+
+}  // namespace dojo

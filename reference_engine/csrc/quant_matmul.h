@@ -1,0 +1,28 @@
+// Integer matmuls on quantized weights for decoding (quant_matmul.cpp). See there.
+#pragma once
+
+#include <cstdint>
+
+namespace dojo {
+
+constexpr int64_t kQBlock = 32;  // activations and weights share blocks of 32 inputs
+
+// Activations (M, K) float -> int8 codes a (M, K), scale dx and sum dx * sum(a) per row and
+// block of 32 (M, K / 32): dx = max|x| / 127, a = round-half-even(x * (1 / dx)).
+// simd=false runs the plain loop.
+void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* a, float* dx, float* sx, bool simd = true);
+
+// y (M, n_out) = dequantized activations x dequantized weights, from the codes of
+// quantize_rows and a weight repacked by `compression/kernel_layout.py`:
+//   codes (n_out / 16 rounded up, K / 32, 256 or 512) uint8, d and m (same, K / 32, 16) float:
+//   each weight is d * u + m for its unsigned code u. 256 bytes per block: 4-bit codes,
+//   two per byte; 512: 8-bit codes.
+// simd=false runs the plain C++ loop (the tests hold the vector path to it).
+void quant_matmul(const int8_t* a, const float* dx, const float* sx, int64_t M, int64_t K, const uint8_t* codes,
+                  int64_t block_bytes, const float* d, const float* m, int64_t n_groups, float* y, int64_t n_out,
+                  bool simd = true);
+
+// True when built with AVX-512 VNNI (else quant_matmul always runs the plain loop).
+bool have_vnni();
+
+}  // namespace dojo
