@@ -61,9 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
                                                                    "--quantize, also KL and top-1 agreement "
                                                                    "against the unquantized model")))
     p.add_argument("--windows", type=int, default=8, help="number of 512-token windows (default 8)")
-    b = with_quantize(with_model(sub.add_parser("bench", help="prefill/decode speed, bandwidth bound, memory")))
+    p.add_argument("--weight-only", action="store_true", help="keep float activations (chapter 4's figures); by "
+                                                              "default covered formats quantize them to int8 per "
+                                                              "block of 32, as the compiled decode kernels do")
+    b = with_quantize(with_model(sub.add_parser("bench", help="prefill/decode speed, bandwidth bound, memory; "
+                                                              "--quantize a,b or all: a table of formats")))
     b.add_argument("--json", action="store_true", help="also print one JSON object on the last line")
     b.add_argument("--no-baseline", action="store_true", help="skip the HF transformers baseline")
+    b.add_argument("--llama-cpp", action="store_true", help="also time llama.cpp (llama-cpp-python, installed "
+                                                             "separately) on the same file, in alternating rounds")
     gr = sub.add_parser("grade", help="grade an exercise notebook (or .py module) with the trusted grader")
     gr.add_argument("path", help="your exercise notebook, for example exercises/01_attention.ipynb")
     gr.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -117,7 +123,8 @@ def load(args):
             raise DojoError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    model, tokenizer = load_model(args.model, quantize=getattr(args, "quantize", None))
+    model, tokenizer = load_model(args.model, quantize=getattr(args, "quantize", None),
+                                  pack=not getattr(args, "weight_only", False))
     return model, tokenizer, time.perf_counter() - t0
 
 
@@ -242,6 +249,16 @@ def cmd_perplexity(args) -> int:
     return 0
 
 
+def activations_in_words(model) -> str:
+    """How the quantized layers treat their inputs, for reports."""
+    modes = [m.activations for m in model.modules() if hasattr(m, "activations")]
+    n8 = modes.count("int8")
+    if not n8:
+        return "float (weight-only)"
+    return (f"int8 per block of 32 in {n8} of {len(modes)} quantized matmuls (the compiled decode kernels' "
+            "arithmetic; --weight-only keeps them float)")
+
+
 def quantized_perplexity(args) -> int:
     """The quantized model against the unquantized one on the same windows: perplexity of
     both, KL divergence of their next-token distributions, top-1 agreement."""
@@ -262,6 +279,7 @@ def quantized_perplexity(args) -> int:
                                        f"{q.perplexity / q.reference_perplexity - 1:+.2%})"),
                         ("KL(reference || quantized)", f"{q.kl:.4f} nats per token"),
                         ("top-1 agreement", f"{q.top1:.1%} of {q.tokens} positions"),
+                        ("activations", activations_in_words(model)),
                         ("weights read per token", f"{weight_bytes_per_token(model) / 1e6:.0f} MB "
                                                    f"(reference {weight_bytes_per_token(reference) / 1e6:.0f} MB)")]:
         print(f"  {name:28s} {value}")
@@ -271,10 +289,25 @@ def quantized_perplexity(args) -> int:
 def cmd_bench(args) -> int:
     from .bench import format_table, run_bench
 
+    from .bench_formats import format_formats_table, format_llama_cpp, format_names, run_formats, run_llama_cpp
+
+    names = format_names(args.quantize) if args.quantize else []  # unknown names fail before any loading
+    if names:
+        args.quantize = names[0]
     model, tokenizer, load_s = load(args)
     # HF transformers runs the float32 weights: a baseline for the float32 engine only
-    result = run_bench(model, tokenizer, load_s, baseline=not args.no_baseline and not args.quantize)
+    result = run_bench(model, tokenizer, load_s, baseline=not args.no_baseline and not names)
     print(format_table(result))
+    if args.llama_cpp:
+        import torch
+
+        result.update(run_llama_cpp(model, tokenizer, args.model, torch.get_num_threads()))
+        print(format_llama_cpp(result, args.quantize))
+    if names:
+        del model
+        result["formats"] = run_formats(names, args.model)
+        print(f"\nfloat32 and {', '.join(names)} in the same run (4 windows of 512 tokens for the quality):")
+        print(format_formats_table(result["formats"]))
     if args.json:
         print(json.dumps(result))
     return 0

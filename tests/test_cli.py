@@ -197,3 +197,33 @@ def test_bench_of_a_quantized_model_says_which_path_ran(tiny_file):
     assert "quantized weights (int8" in report["decode_path"] and "hf_decode_tok_s" not in report
     plain = json.loads(run_cli("bench", "--model", tiny_file, "--json", "--no-baseline").stdout.strip().splitlines()[-1])
     assert report["weight_mb_per_token"] < plain["weight_mb_per_token"] / 2
+
+
+def test_bench_of_several_formats_is_one_table(tiny_file):
+    result = run_cli("bench", "--model", tiny_file, "--json", "--quantize", "q8_0,w8a8")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "decode_tok_s" in report, "the single-model keys stay"
+    rows = {row["format"]: row for row in report["formats"]}
+    assert list(rows) == ["fp32", "q8_0", "w8a8"]
+    assert rows["q8_0"]["path"] == "compiled integer kernels, int8 activations"
+    assert rows["w8a8"]["path"].startswith("compiled integer kernels for 1 of "), "only its int8 head is covered"
+    for row in rows.values():
+        assert row["decode_tok_s"] > 0 and row["ttft_s"] > 0 and row["perplexity"] > 0 and row["kl"] >= 0
+    assert rows["fp32"]["kl"] < 1e-6 < rows["q8_0"]["kl"]
+    assert "q8_0" in result.stdout and "against float32 in this run" in result.stdout
+
+
+def test_bench_rejects_an_unknown_format_before_loading(tiny_file):
+    assert_clean_error(run_cli("bench", "--model", tiny_file, "--quantize", "q8_0,int5"), "int5")
+
+
+def test_llama_cpp_baseline_without_the_package_says_how_to_install(monkeypatch):
+    import sys
+
+    from reference_engine import bench_formats
+    from reference_engine.errors import DojoError
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as on a machine without llama-cpp-python
+    with pytest.raises(DojoError, match="pip install llama-cpp-python"):
+        bench_formats.run_llama_cpp(None, None, None, threads=2)

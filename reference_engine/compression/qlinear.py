@@ -145,6 +145,13 @@ class QuantizedLinear(nn.Module):
         return sum(b.numel() * b.element_size() for name, b in self.named_buffers() if name != "bias")
 
     @property
+    def weight_bytes_read(self) -> int:
+        """Bytes one call reads: the repacked copy's where the compiled kernel runs, else `weight_bytes`."""
+        if self.kernel is not None and cpu_kernels._loaded is not None and self.kernel.current(self):
+            return self.kernel.nbytes
+        return self.weight_bytes
+
+    @property
     def storage(self) -> str:
         """How the weight is kept, in words. Example: "int4, 32 values per scale, zero point"."""
         return {"int": f"int{self.bits}, {self.group} values per scale" + (", zero point" if hasattr(self, "zero") else ""),
