@@ -152,6 +152,24 @@ def test_fused_quantized_decode_equals_the_modules(kernels, monkeypatch, fmt):
     torch.testing.assert_close(fused, decode_logits(model, prompts), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("fmt", ["fp32", "q4_1"])
+def test_fused_decode_over_long_padded_prompts(kernels, monkeypatch, fmt):
+    """Prompts longer than 16 slots, left-padded: the fused attention's vector softmax runs
+    over whole 16-slot chunks that contain padding (which must weigh exactly nothing)."""
+    model = random_model("tiny", seed=3).float()
+    if fmt != "fp32":
+        model.quantize(fmt)
+    assert model.pack_for_cpu()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (40, 17, 33)]
+    spy = CountingKernels(kernels)
+    monkeypatch.setattr(cpu_kernels, "_loaded", spy)
+    fused = decode_logits(model, prompts)
+    assert spy.blocks == 5 * model.config.n_layers
+    monkeypatch.setattr(fused_decode, "plan_for", lambda model: None)
+    torch.testing.assert_close(fused, decode_logits(model, prompts), rtol=1e-4, atol=1e-4)
+
+
 def test_fused_quantized_generation_equals_the_modules(kernels, monkeypatch):
     model = quantized_tiny("q4_1")
     prompts = [[5, 9, 2, 7, 1], [8, 3]]

@@ -178,6 +178,7 @@ void vector_group(const int8_t* a, const float* dx, const float* sx, int64_t M, 
                   const float* d, const float* m, float* y, int64_t n_out, int64_t col) {
   const int64_t nb = K / kQBlock;
   int64_t r = 0;
+  for (; r + 16 <= M; r += 16) tile<16, kNibbles>(a + r * K, dx + r * nb, sx + r * nb, K, codes, d, m, y + r * n_out, n_out, col);
   for (; r + 8 <= M; r += 8) tile<8, kNibbles>(a + r * K, dx + r * nb, sx + r * nb, K, codes, d, m, y + r * n_out, n_out, col);
   const int64_t rest = M - r;
   const int8_t* ar = a + r * K;
