@@ -140,7 +140,11 @@ def run_llama_cpp(model, tokenizer, model_path, threads: int, new_tokens: int = 
     from .gguf_loader import default_model_path
 
     path = str(model_path or default_model_path())
-    llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=1024, verbose=False)
+    # n_batch=1: the prompt goes in one token at a time. Decode steps are one token each
+    # anyway, so the decode speed is the same; and on a CPU with AMX, llama.cpp 0.3.36's
+    # multi-token path crashed the process (a general protection fault in libggml-cpu).
+    llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=1024, n_batch=1, n_ubatch=1,
+                verbose=False)
     ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": "Explain what a KV cache is."}]))
     llama_cpp_decode_rate(llm, ids, 4)  # warm-up
     generate_warmup(model, ids)

@@ -235,3 +235,21 @@ def test_smollm_q4_1_decodes_through_the_fused_kernels(kernels, monkeypatch):
         kl = kl_per_token(exact, other)
         assert kl.max() < 0.05, f"{name}: KL against the dequantized reference {kl.tolist()}"
     assert kl_per_token(twin, fused).max() < 0.02
+
+
+def test_an_edited_quantized_weight_stops_the_fused_step_at_the_next_step(kernels, monkeypatch):
+    model = quantized_tiny("q4_1")
+    spy = CountingKernels(kernels)
+    monkeypatch.setattr(cpu_kernels, "_loaded", spy)
+    model.setup_cache(1, 16)
+    with torch.inference_mode():
+        model(torch.tensor([[5, 9, 2, 7]]))
+        model(torch.tensor([[3]]), start=4)
+        assert spy.blocks == model.config.n_layers
+        model.layers[1].mlp.w2.raw.view(-1, 20)[:, 4:] = 0  # every nibble 0: only the block mins remain
+        edited = model(torch.tensor([[3]]), start=5)
+    assert spy.blocks == model.config.n_layers, "the edited layer made the step run as modules"
+    model.layers[1].mlp.w2.prepare_kernel()
+    with torch.inference_mode():
+        assert torch.allclose(model(torch.tensor([[3]]), start=5), edited, atol=1e-4), "the modules used the edit"
+    assert spy.blocks == 2 * model.config.n_layers, "repacked: fused again"

@@ -13,7 +13,9 @@ with AVX-512 VNNI. Every format it covers is first rewritten, once, as
 
 and laid out for the instruction (see the kernel's comment): groups of 16 outputs, blocks
 of 32 inputs, 256 bytes of 4-bit or 512 of 8-bit codes per group and block. Groups of
-scales of 64 or 192 inputs repeat their scale in every block of 32 they span.
+scales of 64 or 192 inputs repeat their scale in every block of 32 they span. GGUF's
+scales stay float16 (exact); symmetric formats store no m (it is -8 d or -128 d). Q4_1 is
+then 20 bytes per 32 weights, as in the file, and Q8_0 34.
 
 The activations are quantized too, per row and block of 32 inputs (`quantize_activations`):
 dx = max|x| / 127, a = round(x / dx) in [-127, 127]. That is the arithmetic of llama.cpp's
@@ -101,6 +103,16 @@ def repack(u: torch.Tensor, d: torch.Tensor, m: torch.Tensor, bits: int) -> tupl
     return codes, lay(d), lay(m)
 
 
+def offset_factor(layer) -> float | None:
+    """c where m = c * d for every block (symmetric codes shifted into unsigned ones), so
+    that m need not be stored; None where m is stored (Q4_1, formats with a zero point)."""
+    if layer.kind == "gguf":
+        return {"Q4_0": -8.0, "Q8_0": -128.0}.get(layer.block)
+    if hasattr(layer, "zero"):
+        return None
+    return -8.0 if layer.bits <= 4 else -128.0
+
+
 class KernelWeight:
     """A layer's weight in the kernel's layout, with the versions of the buffers it was
     made from: an edited or replaced buffer makes it stale (`current`), as `PackedWeight`."""
@@ -110,6 +122,11 @@ class KernelWeight:
         self.sources = [(name, buf, buf._version) for name, buf in layer._buffers.items() if name != "bias"]
         u, d, m, bits = unsigned_codes(layer)
         self.codes, self.d, self.m = repack(u, d, m, bits)
+        if layer.kind == "gguf":  # the file's scales are float16: keeping them so is exact, and 4 bytes per block less
+            self.d, self.m = self.d.half(), self.m.half()
+        factor = offset_factor(layer)
+        if factor is not None:  # symmetric codes: m = factor * d, computed in the kernel, not read
+            self.m = torch.tensor([factor])
         self.bits = bits
 
     def __deepcopy__(self, memo):

@@ -109,19 +109,29 @@ void check_float_cpu(const torch::Tensor& t, const char* what) {
 }
 
 
-// A quantized weight (quant_matmul.h) with n_in inputs and n_out outputs.
+// A quantized weight (quant_matmul.h) with n_in inputs and n_out outputs: codes, scales d
+// (float32 or float16) and offsets m (like d), or m a one-element float32 factor (m = factor * d).
 void check_quantized(const torch::Tensor& codes, const torch::Tensor& d, const torch::Tensor& m, int64_t n_in,
                      int64_t n_out, const char* who) {
   TORCH_CHECK(codes.scalar_type() == torch::kByte && codes.is_cpu() && codes.is_contiguous() && codes.dim() == 3 &&
                   (codes.size(2) == 256 || codes.size(2) == 512),
               who, ": codes must be contiguous uint8 (groups, blocks, 256 or 512)");
-  check_float_cpu(d, who);
-  check_float_cpu(m, who);
+  TORCH_CHECK((d.scalar_type() == torch::kFloat || d.scalar_type() == torch::kHalf) && d.is_cpu() && d.is_contiguous(),
+              who, ": scales must be contiguous float32 or float16");
+  const bool factor = m.numel() == 1 && m.scalar_type() == torch::kFloat && m.is_cpu();
+  TORCH_CHECK(factor || (m.scalar_type() == d.scalar_type() && m.is_cpu() && m.is_contiguous() && m.sizes() == d.sizes()),
+              who, ": offsets must be like the scales, or one float32 factor");
   TORCH_CHECK(n_in % dojo::kQBlock == 0 && codes.size(1) * dojo::kQBlock == n_in && codes.size(0) * 16 >= n_out &&
                   codes.size(0) * 16 < n_out + 16 && d.dim() == 3 && d.size(0) == codes.size(0) &&
-                  d.size(1) == codes.size(1) && d.size(2) == 16 && m.sizes() == d.sizes(),
+                  d.size(1) == codes.size(1) && d.size(2) == 16,
               who, ": a quantized weight of shape ", codes.sizes(), " does not fit ", n_in, " inputs and ", n_out,
               " outputs");
+}
+
+dojo::Scales scales_of(const torch::Tensor& d, const torch::Tensor& m) {
+  const bool factor = m.numel() == 1;
+  return {d.data_ptr(), factor ? nullptr : m.data_ptr(), d.scalar_type() == torch::kHalf,
+          factor ? *m.data_ptr<float>() : 0.0f};
 }
 
 // A weight of llama_block_decode: [packed] (float32, pack_weight) or [codes, d, m]
@@ -154,7 +164,7 @@ struct Weight {
     std::vector<float> dx(M * nb), sx(M * nb);
     dojo::quantize_rows(x, M, n_in, a.data(), dx.data(), sx.data());
     dojo::quant_matmul(a.data(), dx.data(), sx.data(), M, n_in, parts[0].data_ptr<uint8_t>(), parts[0].size(2),
-                       parts[1].data_ptr<float>(), parts[2].data_ptr<float>(), parts[0].size(0), y, n_out);
+                       scales_of(parts[1], parts[2]), parts[0].size(0), y, n_out);
   }
 };
 
@@ -395,8 +405,8 @@ torch::Tensor quant_linear(const torch::Tensor& x, const torch::Tensor& codes, c
   const auto parts = quantize_rows(x, simd);
   auto y = torch::empty({x.size(0), n_out}, x.options());
   dojo::quant_matmul(parts[0].data_ptr<int8_t>(), parts[1].data_ptr<float>(), parts[2].data_ptr<float>(), x.size(0),
-                     x.size(1), codes.data_ptr<uint8_t>(), codes.size(2), d.data_ptr<float>(), m.data_ptr<float>(),
-                     codes.size(0), y.data_ptr<float>(), n_out, simd);
+                     x.size(1), codes.data_ptr<uint8_t>(), codes.size(2), scales_of(d, m), codes.size(0),
+                     y.data_ptr<float>(), n_out, simd);
   return y;
 }
 
