@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 FOLDER = Path(__file__).parent / "csrc"
-SOURCES = [FOLDER / "decode_kernels.cpp", FOLDER / "quant_matmul.cpp"]  # and the header they share
+SOURCES = [FOLDER / "decode_kernels.cpp", FOLDER / "quant_matmul.cpp"]  # and the headers they share
 
 _loaded = None  # the compiled module, once loaded
 _error: str | None = None  # why it is not available, for `bench`
@@ -31,7 +31,7 @@ _error: str | None = None  # why it is not available, for `bench`
 
 def build_dir() -> Path:
     """One folder per kernel source and torch version, so an upgrade rebuilds."""
-    text = b"".join(p.read_bytes() for p in [*SOURCES, FOLDER / "quant_matmul.h"])
+    text = b"".join(p.read_bytes() for p in sorted(FOLDER.glob("*.[ch]*")))  # sources and headers
     tag = hashlib.sha256(text + torch.__version__.encode()).hexdigest()[:12]
     root = Path(os.environ.get("DOJO_KERNEL_DIR", Path.home() / ".cache" / "inference-dojo" / "kernels"))
     return root / f"decode_kernels_{tag}"

@@ -18,6 +18,7 @@
 #include <torch/extension.h>
 
 #include "quant_matmul.h"
+#include "vec16.h"
 
 #include <algorithm>
 #include <cmath>
@@ -26,11 +27,12 @@
 
 namespace {
 
-// 16 floats: one 512-bit register (two 256-bit ones on a CPU without AVX-512).
-typedef float vec16 __attribute__((vector_size(64)));
-// The same, for loads from addresses that need not be 64-byte aligned.
-typedef float vec16u __attribute__((vector_size(64), aligned(4)));
-constexpr int64_t kLanes = 16;
+using dojo::dot;
+using dojo::exp16;
+using dojo::kLanes;
+using dojo::sum_lanes;
+using dojo::vec16;
+using dojo::vec16u;
 
 // ---- packed_linear ---------------------------------------------------------------------
 //
@@ -169,52 +171,6 @@ struct Weight {
 };
 
 // ---- llama_block_decode ----------------------------------------------------------------
-
-// The sum of 16 lanes as a tree of depth 4: a left-to-right sum is a chain of 16
-// dependent adds, which made every attention score wait ~60 cycles.
-float sum_lanes(vec16 v) {
-  typedef float vec8 __attribute__((vector_size(32)));
-  typedef float vec4 __attribute__((vector_size(16)));
-  const vec8 h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-                 __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  const vec4 q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
-  return (q[0] + q[2]) + (q[1] + q[3]);
-}
-
-float dot(const float* a, const float* b, int64_t n) {
-  vec16 acc = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    acc += *reinterpret_cast<const vec16u*>(a + i) * *reinterpret_cast<const vec16u*>(b + i);
-  float sum = sum_lanes(acc);
-  for (; i < n; ++i) sum += a[i] * b[i];
-  return sum;
-}
-
-// e^x for 16 lanes: e^x = 2^n e^r with n = round(x log2 e) and |r| <= ln2 / 2, e^r from
-// its Taylor polynomial to r^6 (relative error under 2e-7), 2^n written into the float's
-// exponent bits. Inputs are clamped to [-87, 88], where e^x is a normal float.
-vec16 exp16(vec16 x) {
-  typedef int32_t ivec16 __attribute__((vector_size(64)));
-  const vec16 lo = x * 0.0f - 87.0f, hi = x * 0.0f + 88.0f;
-  x = x < lo ? lo : x;
-  x = x > hi ? hi : x;
-  const vec16 t = x * 1.44269504088896341f + 0.5f;
-  ivec16 n = __builtin_convertvector(t, ivec16);  // truncates towards zero ...
-  n += (__builtin_convertvector(n, vec16) > t);   // ... so step down where t < 0 (a true compare is -1)
-  const vec16 nf = __builtin_convertvector(n, vec16);
-  const vec16 r = (x - nf * 0.693145751953125f) - nf * 1.428606765330187e-06f;  // ln 2 in two parts
-  vec16 p = r * (1.0f / 720) + 1.0f / 120;
-  p = p * r + 1.0f / 24;
-  p = p * r + 1.0f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const ivec16 bits = (n + 127) << 23;
-  vec16 scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
 
 // act[r][j] = silu(gate[r][j]) * up[r][j] = gate / (1 + e^-gate) * up, for B rows of
 // [gate (F); up (F)]. Written out (vectorised exp) rather than ATen's silu and mul: those
