@@ -97,6 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--draft-layers", type=int, default=8, metavar="N", help="blocks in the 'layers' draft")
     sp.add_argument("--k", type=int, default=4, help="draft tokens per verification (default 4)")
     sp.add_argument("--max-new-tokens", type=int, default=128, metavar="N")
+    pn = with_model(sub.add_parser("prune", help="structured pruning: write a smaller model (fewer blocks, KV "
+                                                 "groups or FFN channels) as a GGUF file that --model reads"))
+    pn.add_argument("out", help="the GGUF file to write, for example smollm2-pruned.gguf")
+    pn.add_argument("--remove-blocks", type=int, default=0, metavar="N",
+                    help="drop the N blocks that change their input least")
+    pn.add_argument("--remove-kv-groups", type=int, default=0, metavar="G",
+                    help="drop G KV groups (with their query heads) from every block")
+    pn.add_argument("--ffn-keep", type=int, default=None, metavar="C", help="keep C FFN channels in every block")
+    pn.add_argument("--calibration-windows", type=int, default=8, metavar="N",
+                    help="256-token windows of calibration text to score with (default 8)")
     sub.add_parser("build-kernels", help="build the optional compiled CPU kernel for decoding (once per machine)")
     return parser
 
@@ -313,6 +323,49 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_prune(args) -> int:
+    """Blocks first (scored on the full model), then KV groups, then FFN channels, each
+    scored on calibration text through the model as pruned so far."""
+    from pathlib import Path
+
+    from .compression import prune, structured
+    from .compression.calibration import calibration_windows
+    from .gguf_writer import save_gguf
+    from .load import load_model
+
+    out = Path(args.out)
+    if out.suffix != ".gguf":
+        raise DojoError(f"the pruned model is written as GGUF: give a file name ending in .gguf, not {out.name!r}")
+    if not (args.remove_blocks or args.remove_kv_groups or args.ffn_keep is not None):
+        raise DojoError("nothing to prune: give --remove-blocks, --remove-kv-groups and/or --ffn-keep")
+    model, tokenizer = load_model(args.model, pack=False)
+    c = model.config
+    if not 0 <= args.remove_blocks < c.n_layers:
+        raise DojoError(f"--remove-blocks must be 0 to {c.n_layers - 1} (the model has {c.n_layers} blocks)")
+    if not 0 <= args.remove_kv_groups < c.n_kv_heads:
+        raise DojoError(f"--remove-kv-groups must be 0 to {c.n_kv_heads - 1}: each block has {c.n_kv_heads} KV "
+                        f"groups of {c.n_heads // c.n_kv_heads} query heads, and one must stay")
+    if args.ffn_keep is not None and not 1 <= args.ffn_keep <= c.ffn_dim:
+        raise DojoError(f"--ffn-keep must be 1 to {c.ffn_dim}")
+    windows = calibration_windows(tokenizer, args.calibration_windows, min(256, c.max_seq_len))
+    before = sum(p.numel() for p in model.parameters())
+    if args.remove_blocks:
+        model = structured.prune_blocks(model, args.remove_blocks, structured.block_scores(model, windows))
+    if args.remove_kv_groups:
+        scores = structured.kv_group_scores(model, prune.input_norms(model, windows))
+        model = structured.prune_kv_groups(model, args.remove_kv_groups, scores)
+    if args.ffn_keep is not None:
+        scores = structured.ffn_channel_scores(model, prune.input_norms(model, windows))
+        model = structured.prune_ffn_channels(model, args.ffn_keep, scores)
+    save_gguf(model, tokenizer, out)
+    c = model.config
+    after = sum(p.numel() for p in model.parameters())
+    print(f"wrote {out}: {c.n_layers} blocks, {c.n_heads} query / {c.n_kv_heads} KV heads, {c.ffn_dim} FFN channels; "
+          f"{after / 1e6:.1f} M parameters (was {before / 1e6:.1f} M). Measure it with: "
+          f"python -m reference_engine perplexity --model {out}  (or bench --model {out})")
+    return 0
+
+
 def cmd_grade(args) -> int:
     from .grading.grader import grade_path
     from .grading.report import format_report, live_progress
@@ -389,4 +442,4 @@ def cmd_build_kernels(args) -> int:
 
 
 COMMANDS = {"build-kernels": cmd_build_kernels, "grade": cmd_grade, "grade-class": cmd_grade_class, "make-exercises": cmd_make_exercises, "progress": cmd_progress, "generate": cmd_generate, "chat": cmd_chat, "demo": cmd_demo, "perplexity": cmd_perplexity,
-            "bench": cmd_bench, "speculate": cmd_speculate}
+            "bench": cmd_bench, "speculate": cmd_speculate, "prune": cmd_prune}

@@ -60,7 +60,7 @@ class Tokenizer:
                  pre: str = "smollm", eos_id: int | None = None, chat_template: str | None = None):
         if pre not in PRE_TOKENIZERS:
             raise DojoError(f"unsupported pre-tokenizer {pre!r}; supported: {sorted(PRE_TOKENIZERS)}")
-        self.tokens = tokens
+        self.tokens, self.merges, self.pre = tokens, list(merges), pre
         self.token_to_id = {t: i for i, t in enumerate(tokens)}
         self.merge_rank = {tuple(m.split(" ", 1)): r for r, m in enumerate(merges)}
         self.special = {tokens[i]: i for i in special_ids}

@@ -227,3 +227,35 @@ def test_llama_cpp_baseline_without_the_package_says_how_to_install(monkeypatch)
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as on a machine without llama-cpp-python
     with pytest.raises(DojoError, match="pip install llama-cpp-python"):
         bench_formats.run_llama_cpp(None, None, None, threads=2)
+
+
+def test_prune_writes_a_smaller_model_that_loads_back(tiny_file, tmp_path):
+    from reference_engine import load_model
+
+    out = tmp_path / "small.gguf"
+    result = run_cli("prune", out, "--model", tiny_file, "--remove-kv-groups", "1", "--ffn-keep", "64",
+                     "--remove-blocks", "1", "--calibration-windows", "2")
+    assert result.returncode == 0, result.stderr
+    assert f"wrote {out}" in result.stdout
+    small, _ = load_model(out)
+    big, _ = load_model(tiny_file)
+    c = small.config
+    assert (c.n_layers, c.n_heads, c.n_kv_heads, c.ffn_dim) == (big.config.n_layers - 1, 2, 1, 64)
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in big.parameters())
+    assert run_cli("generate", "hello", "--model", out, "--max-new-tokens", "3").returncode == 0
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--remove-kv-groups", "2"], ["--remove-kv-groups must be 0 to 1", "one must stay"]),
+    (["--ffn-keep", "0"], ["--ffn-keep must be 1 to 128"]),
+    (["--remove-blocks", "2"], ["--remove-blocks must be 0 to 1"]),
+    ([], ["nothing to prune"]),
+])
+def test_prune_rejects_bad_requests_and_writes_nothing(tiny_file, tmp_path, args, words):
+    out = tmp_path / "small.gguf"
+    assert_clean_error(run_cli("prune", out, "--model", tiny_file, *args), *words)
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_prune_wants_a_gguf_name(tiny_file, tmp_path):
+    assert_clean_error(run_cli("prune", tmp_path / "small.bin", "--model", tiny_file, "--ffn-keep", "8"), ".gguf")
