@@ -47,3 +47,27 @@ def block_inputs(model, windows: torch.Tensor):
                         f"{model.config.max_seq_len}; use shorter windows")
     positions = torch.arange(T).expand(B, T)
     return model.embed(windows, 0, positions, None)
+
+
+@torch.inference_mode()
+def linear_input_sums(model, windows: torch.Tensor, stat) -> dict[str, torch.Tensor]:
+    """sum of stat(x) over the calibration windows for every Linear inside the blocks, where
+    x (tokens, in) is what the layer multiplies: {"layers.3.mlp.w2": ..., ...}.
+    Wanda's channel norms and whitened SVD's Gram matrices are both such sums."""
+    from ..model import Linear
+
+    sums: dict[str, torch.Tensor] = {}
+
+    def record(name):
+        def hook(module, args):
+            sums[name] = sums.get(name, 0) + stat(args[0].detach().reshape(-1, args[0].shape[-1]))
+        return hook
+
+    handles = [m.register_forward_pre_hook(record(name)) for name, m in model.layers.named_modules(prefix="layers")
+               if isinstance(m, Linear)]
+    try:
+        model(windows)
+    finally:
+        for h in handles:
+            h.remove()
+    return sums

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import DojoError
+from .calibration import linear_input_sums
 
 
 def break_even_rank(out_features: int, in_features: int) -> int:
@@ -75,27 +76,9 @@ class LowRankLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
-@torch.inference_mode()
 def input_grams(model, windows: torch.Tensor) -> dict[str, torch.Tensor]:
     """X^T X (in, in), float64, of every Linear inside the blocks over the calibration windows."""
-    from ..model import Linear
-
-    grams: dict[str, torch.Tensor] = {}
-
-    def record(name):
-        def hook(module, args):
-            x = args[0].detach().double().reshape(-1, args[0].shape[-1])
-            grams[name] = grams.get(name, 0) + x.T @ x
-        return hook
-
-    handles = [m.register_forward_pre_hook(record(name)) for name, m in model.layers.named_modules(prefix="layers")
-               if isinstance(m, Linear)]
-    try:
-        model(windows)
-    finally:
-        for h in handles:
-            h.remove()
-    return grams
+    return linear_input_sums(model, windows, lambda x: x.double().T @ x.double())
 
 
 def factorize_model(model, ratio: float, grams: dict[str, torch.Tensor] | None = None,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import DojoError
+from .calibration import linear_input_sums
 
 
 def check_sparsity(sparsity: float) -> float:
@@ -78,27 +79,10 @@ def n_m_mask(scores: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
     return _remove_lowest(groups, m - n).reshape(scores.shape)
 
 
-@torch.inference_mode()
 def input_norms(model, windows: torch.Tensor) -> dict[str, torch.Tensor]:
     """||X_j|| for every input channel of every Linear of the blocks, over the calibration
     windows: {"layers.3.mlp.w2": (ffn_dim,), ...}, float32."""
-    from ..model import Linear
-
-    sums: dict[str, torch.Tensor] = {}
-
-    def record(name):
-        def hook(module, args):
-            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
-            sums[name] = sums.get(name, 0) + (x * x).sum(0)
-        return hook
-
-    handles = [module.register_forward_pre_hook(record(name)) for name, module in model.layers.named_modules(prefix="layers")
-               if isinstance(module, Linear)]
-    try:
-        model(windows)
-    finally:
-        for h in handles:
-            h.remove()
+    sums = linear_input_sums(model, windows, lambda x: x.float().square().sum(0))
     return {name: s.sqrt() for name, s in sums.items()}
 
 
