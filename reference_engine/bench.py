@@ -37,8 +37,8 @@ def read_bandwidth(buf: torch.Tensor, repeats: int = 7) -> float:
 
 def weight_bytes_per_token(model) -> int:
     """Bytes of weights a batch-1 decode step reads: every parameter, and the codes and
-    scales of quantized layers (in the compiled kernel's layout where that runs: its
-    float32 scales and offsets make Q4_1 6 bits per weight, not 5). The embedding table counts when it is the LM head (tied
+    scales of quantized layers (in the compiled kernel's layout where that runs: the
+    same for GGUF blocks, float32 scales for the integer formats). The embedding table counts when it is the LM head (tied
     and not quantized): then it is read in full; a row lookup adds nothing worth counting."""
     own_head = "lm_head" in model._modules
     total = sum(p.numel() * p.element_size() for name, p in model.named_parameters()

@@ -14,6 +14,8 @@ from __future__ import annotations
 import statistics
 import time
 
+import torch
+
 from .bench import bench_decode, bench_decode_and_bandwidth, bench_prefill, format_rows
 from .errors import DojoError
 
@@ -38,7 +40,8 @@ def kernel_share(model) -> str:
 
     layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     if not layers:
-        return cpu_kernels.status() if model.tok_embeddings.weight.dtype.is_floating_point else "PyTorch"
+        dtype = model.tok_embeddings.weight.dtype
+        return cpu_kernels.status() if dtype == torch.float32 else f"PyTorch blocks in {str(dtype).removeprefix('torch.')}"
     covered = sum(m.kernel is not None for m in layers)
     if cpu_kernels._loaded is None:
         return f"PyTorch (compiled kernels {cpu_kernels.status().split('(compiled kernels ')[-1].rstrip(')')})"

@@ -104,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="drop the N blocks that change their input least")
     pn.add_argument("--remove-kv-groups", type=int, default=0, metavar="G",
                     help="drop G KV groups (with their query heads) from every block")
-    pn.add_argument("--ffn-keep", type=int, default=None, metavar="C", help="keep C FFN channels in every block")
+    pn.add_argument("--ffn-keep", type=int, default=None, metavar="C",
+                    help="keep C FFN channels in every block (a multiple of 32 keeps every --quantize format and "
+                         "the integer kernels available)")
     pn.add_argument("--calibration-windows", type=int, default=8, metavar="N",
                     help="256-token windows of calibration text to score with (default 8)")
     sub.add_parser("build-kernels", help="build the optional compiled CPU kernel for decoding (once per machine)")
@@ -316,7 +318,7 @@ def cmd_bench(args) -> int:
     if names:
         del model
         result["formats"] = run_formats(names, args.model)
-        print(f"\nfloat32 and {', '.join(names)} in the same run (4 windows of 512 tokens for the quality):")
+        print(f"\nfloat32 and {', '.join(names)} in the same run (4 evaluation windows for the quality):")
         print(format_formats_table(result["formats"]))
     if args.json:
         print(json.dumps(result))
@@ -330,7 +332,7 @@ def cmd_prune(args) -> int:
 
     from .compression import prune, structured
     from .compression.calibration import calibration_windows
-    from .gguf_writer import save_gguf
+    from .gguf_writer import gguf_tensors, save_gguf
     from .load import load_model
 
     out = Path(args.out)
@@ -347,6 +349,7 @@ def cmd_prune(args) -> int:
                         f"groups of {c.n_heads // c.n_kv_heads} query heads, and one must stay")
     if args.ffn_keep is not None and not 1 <= args.ffn_keep <= c.ffn_dim:
         raise DojoError(f"--ffn-keep must be 1 to {c.ffn_dim}")
+    gguf_tensors(model)  # a model that cannot be written fails now, not after the scoring
     windows = calibration_windows(tokenizer, args.calibration_windows, min(256, c.max_seq_len))
     before = sum(p.numel() for p in model.parameters())
     if args.remove_blocks:

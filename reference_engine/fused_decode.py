@@ -101,7 +101,8 @@ class Plan:
             self.watch += [(lin._parameters, "weight", lin.weight) for lin in linears if type(lin) is m.Linear]
             for lin in linears:
                 if type(lin) is QuantizedLinear:  # the repacked copy, and the buffers it was made from
-                    self.watch += [(lin.__dict__, "kernel", lin.kernel), (lin.__dict__, "activations", lin.activations)]
+                    self.watch += [(lin.__dict__, "kernel", lin.kernel), (lin.__dict__, "activations", lin.activations),
+                                   (lin._buffers, "bias", None)]  # the fused block has no bias
                     self.watch += [(lin._buffers, name, buf) for name, buf, _ in lin.kernel.sources]
             self.modules += [layer, layer.attn_norm, attn, layer.ffn_norm, mlp, *linears]
             self.linears += linears

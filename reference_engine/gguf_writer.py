@@ -32,13 +32,16 @@ def gguf_tensors(model) -> dict[str, np.ndarray]:
 
     odd = [name for name, m in model.layers.named_modules(prefix="layers")
            if name.rsplit(".", 1)[-1] in ("wqkv", "wo", "w13", "w2") and type(m) is not Linear]
-    odd += ["lm_head"] if "lm_head" in model._modules else []
+    if "lm_head" in model._modules and type(model.lm_head) is not Linear:
+        odd.append("lm_head")
     if odd:
         raise DojoError(f"save_gguf writes float weights; {odd[0]} is {type(model.get_submodule(odd[0])).__name__}: "
                         "save before quantizing or factorising (quantize when loading: load_model(path, quantize=...))")
     sd = {k: v.detach().float() for k, v in model.state_dict().items()}
     q_rows, kv_rows = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
     out = {"token_embd.weight": sd["tok_embeddings.weight"], "output_norm.weight": sd["norm.weight"]}
+    if "lm_head.weight" in sd:  # an untied head; without it the loader ties the head to the embedding
+        out["output.weight"] = sd["lm_head.weight"]
     for i in range(c.n_layers):
         p = f"layers.{i}."
         q, k, v = torch.split(sd[p + "attn.wqkv.weight"], [q_rows, kv_rows, kv_rows])
@@ -69,7 +72,8 @@ def save_gguf(model, tokenizer, path: str | os.PathLike, name: str = "pruned") -
         for key, value in [("block_count", c.n_layers), ("context_length", c.max_seq_len),
                            ("embedding_length", c.d_model), ("feed_forward_length", c.ffn_dim),
                            ("attention.head_count", c.n_heads), ("attention.head_count_kv", c.n_kv_heads),
-                           ("rope.dimension_count", c.head_dim)]:
+                           ("rope.dimension_count", c.head_dim), ("attention.key_length", c.head_dim),
+                           ("attention.value_length", c.head_dim)]:  # d_model / n_heads no longer is, once heads go
             writer.add_uint32(f"llama.{key}", value)
         writer.add_float32("llama.rope.freq_base", c.rope_base)
         writer.add_float32("llama.attention.layer_norm_rms_epsilon", c.norm_eps)

@@ -253,3 +253,32 @@ def test_an_edited_quantized_weight_stops_the_fused_step_at_the_next_step(kernel
     with torch.inference_mode():
         assert torch.allclose(model(torch.tensor([[3]]), start=5), edited, atol=1e-4), "the modules used the edit"
     assert spy.blocks == 2 * model.config.n_layers, "repacked: fused again"
+
+
+def test_gptq_layers_get_the_kernels_too(kernels, monkeypatch):
+    """GPTQ builds its layers under inference_mode (tensors without version counters)."""
+    model = random_model("tiny", seed=3).float()
+    calibration = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+    model.quantize("int4-g32-gptq", calibration=calibration)
+    assert model.pack_for_cpu()
+    assert all(m.kernel is not None for m in model.modules() if isinstance(m, QuantizedLinear))
+    spy = CountingKernels(kernels)
+    monkeypatch.setattr(cpu_kernels, "_loaded", spy)
+    fused = decode_logits(model, [[5, 9, 2, 7], [8, 3]])
+    assert spy.blocks == 5 * model.config.n_layers
+    monkeypatch.setattr(fused_decode, "plan_for", lambda model: None)
+    torch.testing.assert_close(fused, decode_logits(model, [[5, 9, 2, 7], [8, 3]]), rtol=1e-4, atol=1e-4)
+
+
+def test_a_bias_added_after_planning_stops_the_fused_step(kernels, monkeypatch):
+    model = quantized_tiny("q8_0")
+    spy = CountingKernels(kernels)
+    monkeypatch.setattr(cpu_kernels, "_loaded", spy)
+    model.setup_cache(1, 16)
+    with torch.inference_mode():
+        model(torch.tensor([[5, 9, 2, 7]]))
+        model(torch.tensor([[3]]), start=4)
+        assert spy.blocks == model.config.n_layers
+        model.layers[0].mlp.w2.bias = torch.ones(64)
+        model(torch.tensor([[3]]), start=5)
+    assert spy.blocks == model.config.n_layers, "the fused block has no bias: the modules ran"

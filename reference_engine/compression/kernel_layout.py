@@ -130,7 +130,7 @@ class KernelWeight:
         self.bits = bits
 
     def __deepcopy__(self, memo):
-        return None  # a copied model repacks on its own (see QuantizedLinear.prepare_kernel)
+        return None  # a copy runs the PyTorch twin (same arithmetic) until prepare_kernel repacks it
 
     def current(self, layer) -> bool:
         """Checked before every call, so kept cheap: a few dictionary lookups."""

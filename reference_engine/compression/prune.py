@@ -21,6 +21,8 @@ structure that removes whole rows and columns (`structured.py`).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..errors import DojoError
@@ -31,6 +33,11 @@ def check_sparsity(sparsity: float) -> float:
     if not 0.0 <= sparsity < 1.0:
         raise DojoError(f"sparsity is the fraction of weights removed, in [0, 1); got {sparsity}")
     return float(sparsity)
+
+
+def pruned_count(sparsity: float, n: int) -> int:
+    """floor(sparsity * n), immune to float error: 0.29 * 100 is 28.999999999999996 in floats."""
+    return math.floor(sparsity * n + 1e-9)
 
 
 def _remove_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -49,9 +56,9 @@ def magnitude_mask(w: torch.Tensor, sparsity: float, scope: str = "row") -> torc
     Example: magnitude_mask(tensor([[0.1, -3.0, 0.2, 2.0]]), 0.5) -> [[False, True, False, True]]."""
     check_sparsity(sparsity)
     if scope == "row":
-        return _remove_lowest(w.abs(), int(sparsity * w.shape[-1]))
+        return _remove_lowest(w.abs(), pruned_count(sparsity, w.shape[-1]))
     if scope == "global":
-        return _remove_lowest(w.abs().flatten(), int(sparsity * w.numel())).view(w.shape)
+        return _remove_lowest(w.abs().flatten(), pruned_count(sparsity, w.numel())).view(w.shape)
     raise DojoError(f"magnitude pruning ranks per 'row' or 'global'; got {scope!r}")
 
 
@@ -65,7 +72,7 @@ def wanda_scores(w: torch.Tensor, input_norm: torch.Tensor) -> torch.Tensor:
 def wanda_mask(w: torch.Tensor, input_norm: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Keep-mask removing floor(sparsity * in) weights per row with the smallest |W| * ||X_j||."""
     check_sparsity(sparsity)
-    return _remove_lowest(wanda_scores(w, input_norm), int(sparsity * w.shape[-1]))
+    return _remove_lowest(wanda_scores(w, input_norm), pruned_count(sparsity, w.shape[-1]))
 
 
 def n_m_mask(scores: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:

@@ -113,6 +113,12 @@ class QuantizedLinear(nn.Module):
             return True
         if unsigned_codes(self) is None:
             return False
+        for name, buf in self._buffers.items():
+            if buf is not None and buf.is_inference():
+                # subtle: GPTQ builds its layers under inference_mode, and inference tensors
+                # have no version counter, which the repacked copy watches for edits
+                with torch.inference_mode(False):
+                    self._buffers[name] = buf.clone()
         self.kernel, self.activations = KernelWeight(self), "int8"
         return True
 
