@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -37,6 +39,24 @@ def build_dir() -> Path:
     return root / f"decode_kernels_{tag}"
 
 
+STALE_LOCK_S = 300  # a build takes about a minute here; a lock this old was left by a killed one
+
+
+def clear_stale_lock(lock: Path, wait_s: float = STALE_LOCK_S) -> bool:
+    """Wait while another build holds `lock`; a lock older than wait_s was left by a build
+    that was interrupted (Ctrl-C, a killed job): remove it, and say so. True if removed."""
+    while True:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return False
+        if age >= wait_s:
+            lock.unlink(missing_ok=True)
+            print(f"note: removed {lock}, left {age:.0f} s ago by an interrupted kernel build", file=sys.stderr)
+            return True
+        time.sleep(1.0)
+
+
 def kernels(build: bool = False):
     """The compiled module (pack_weight, packed_linear, quant_linear, llama_block_decode), or None where
     unavailable. build=False loads a module built earlier and never compiles; build=True
@@ -51,6 +71,13 @@ def kernels(build: bool = False):
     if not build and not (folder / "dojo_decode_kernels.so").exists():
         _error = "not built; run: python -m reference_engine build-kernels"
         return None
+    lock = folder / "lock"
+    if lock.exists():  # PyTorch's builder waits for this file to go, forever if its build was killed
+        if not build:
+            _error = (f"a build of them holds {lock} (in progress, or interrupted: run "
+                      "python -m reference_engine build-kernels)")
+            return None
+        clear_stale_lock(lock)
     try:
         from torch.utils.cpp_extension import load
 

@@ -233,3 +233,26 @@ def test_a_change_between_steps_is_seen_at_the_next_step(counting, monkeypatch):
     assert counting.blocks == 3 * n, "fused at steps 1, 3 and 4; the modules at steps 2 and 5"
     monkeypatch.setattr(fused_decode, "plan_for", lambda model: None)
     torch.testing.assert_close(fused, steps(model)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_a_lock_left_by_an_interrupted_build_never_hangs(tmp_path, monkeypatch, capsys):
+    """PyTorch's builder waits for its lock file forever; a build killed mid-way leaves one."""
+    import os
+    import time
+
+    monkeypatch.setattr(cpu_kernels, "_loaded", None)
+    monkeypatch.setenv("DOJO_KERNEL_DIR", str(tmp_path))
+    folder = cpu_kernels.build_dir()
+    folder.mkdir(parents=True)
+    (folder / "dojo_decode_kernels.so").write_bytes(b"")
+    (folder / "lock").touch()
+    assert cpu_kernels.kernels() is None, "loading does not wait for a build"
+    assert "interrupted" in cpu_kernels.status()
+    old = time.time() - 400
+    os.utime(folder / "lock", (old, old))
+    assert cpu_kernels.clear_stale_lock(folder / "lock")
+    assert not (folder / "lock").exists() and "interrupted kernel build" in capsys.readouterr().err
+    (folder / "lock").touch()
+    started = time.time()
+    assert cpu_kernels.clear_stale_lock(folder / "lock", wait_s=1.5), "a fresh lock is waited for, then cleared"
+    assert time.time() - started >= 1.0
