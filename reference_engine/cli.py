@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                    "--quantize, also KL and top-1 agreement "
                                                                    "against the unquantized model")))
     p.add_argument("--windows", type=int, default=8, help="number of 512-token windows (default 8)")
+    p.add_argument("--reference", metavar="PATH", help="also compare with this GGUF file on the same windows (KL, "
+                                                       "top-1), for example the original of a pruned --model")
     p.add_argument("--weight-only", action="store_true", help="keep float activations (chapter 4's figures); by "
                                                               "default covered formats quantize them to int8 per "
                                                               "block of 32, as the compiled decode kernels do")
@@ -251,8 +253,8 @@ def cmd_perplexity(args) -> int:
 
     if args.windows < 1:
         raise DojoError(f"--windows must be >= 1, got {args.windows}")
-    if args.quantize:
-        return quantized_perplexity(args)
+    if args.quantize or args.reference:
+        return compared_perplexity(args)
     model, tokenizer, _ = load(args)
     t0 = time.perf_counter()
     ppl = perplexity(model, tokenizer, max_windows=args.windows)
@@ -271,25 +273,34 @@ def activations_in_words(model) -> str:
             "arithmetic; --weight-only keeps them float)")
 
 
-def quantized_perplexity(args) -> int:
-    """The quantized model against the unquantized one on the same windows: perplexity of
-    both, KL divergence of their next-token distributions, top-1 agreement."""
+def compared_perplexity(args) -> int:
+    """The model (quantized with --quantize, or another file) against a reference on the same
+    windows: perplexity of both, KL divergence of their next-token distributions, top-1
+    agreement. The reference is --reference, else the unquantized --model."""
     from .bench import weight_bytes_per_token
     from .compression.calibration import evaluation_windows
     from .compression.quality import compare
     from .load import load_model
 
     model, tokenizer, load_s = load(args)  # the format is checked before anything is read
-    reference, _ = load_model(args.model, pack=False)
-    windows = evaluation_windows(tokenizer, args.windows, min(512, model.config.max_seq_len))
+    reference, _ = load_model(args.reference or args.model, pack=False)
+    if reference.config.vocab_size != model.config.vocab_size:
+        raise DojoError(f"the reference has {reference.config.vocab_size} tokens in its vocabulary and the model "
+                        f"{model.config.vocab_size}: KL needs the same vocabulary (a pruned copy of the same file)")
+    windows = evaluation_windows(tokenizer, args.windows, min(512, model.config.max_seq_len,
+                                                              reference.config.max_seq_len))
     t0 = time.perf_counter()
     q = compare(reference, model, windows)
-    print(f"{args.quantize} against the unquantized model ({'float32 dequantized from the file' if args.model is None else args.model}), "
-          f"{windows.shape[0]} windows of {windows.shape[1]} tokens of the pydoc topics "
-          f"({time.perf_counter() - t0:.1f} s after {load_s:.1f} s to load and quantize):")
+    if args.reference:
+        what = f"{args.model or 'SmolLM2'}{' as ' + args.quantize if args.quantize else ''} against {args.reference}"
+    else:
+        what = (f"{args.quantize} against the unquantized model "
+                f"({'float32 dequantized from the file' if args.model is None else args.model})")
+    print(f"{what}, {windows.shape[0]} windows of {windows.shape[1]} tokens of the pydoc topics "
+          f"({time.perf_counter() - t0:.1f} s after {load_s:.1f} s to load):")
     for name, value in [("perplexity", f"{q.perplexity:.3f} (reference {q.reference_perplexity:.3f}, "
                                        f"{q.perplexity / q.reference_perplexity - 1:+.2%})"),
-                        ("KL(reference || quantized)", f"{q.kl:.4f} nats per token"),
+                        ("KL(reference || model)", f"{q.kl:.4f} nats per token"),
                         ("top-1 agreement", f"{q.top1:.1%} of {q.tokens} positions"),
                         ("activations", activations_in_words(model)),
                         ("weights read per token", f"{weight_bytes_per_token(model) / 1e6:.0f} MB "

@@ -173,7 +173,7 @@ def test_demo_says_when_the_machine_looks_busy(tiny_file, monkeypatch, capsys, b
 def test_quantized_perplexity_reports_kl_and_agreement(tiny_file):
     result = run_cli("perplexity", "--model", tiny_file, "--windows", "1", "--quantize", "int8")
     assert result.returncode == 0, result.stderr
-    for words in ("perplexity", "reference", "KL(reference || quantized)", "top-1 agreement", "weights read per token"):
+    for words in ("perplexity", "reference", "KL(reference || model)", "top-1 agreement", "weights read per token"):
         assert words in result.stdout, result.stdout
 
 
@@ -243,6 +243,9 @@ def test_prune_writes_a_smaller_model_that_loads_back(tiny_file, tmp_path):
     assert (c.n_layers, c.n_heads, c.n_kv_heads, c.ffn_dim) == (big.config.n_layers - 1, 2, 1, 64)
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in big.parameters())
     assert run_cli("generate", "hello", "--model", out, "--max-new-tokens", "3").returncode == 0
+    compared = run_cli("perplexity", "--model", out, "--reference", tiny_file, "--windows", "1")
+    assert compared.returncode == 0, compared.stderr
+    assert f"against {tiny_file}" in compared.stdout and "KL(reference || model)" in compared.stdout
 
 
 @pytest.mark.parametrize("args,words", [
@@ -259,3 +262,10 @@ def test_prune_rejects_bad_requests_and_writes_nothing(tiny_file, tmp_path, args
 
 def test_prune_wants_a_gguf_name(tiny_file, tmp_path):
     assert_clean_error(run_cli("prune", tmp_path / "small.bin", "--model", tiny_file, "--ffn-keep", "8"), ".gguf")
+
+
+def test_perplexity_against_a_reference_of_another_vocabulary_is_refused(tiny_file):
+    from reference_engine.gguf_loader import default_model_path
+
+    result = run_cli("perplexity", "--model", tiny_file, "--reference", default_model_path(), "--windows", "1")
+    assert_clean_error(result, "49152 tokens", "same vocabulary")
