@@ -237,22 +237,28 @@ def test_smollm_q4_1_decodes_through_the_fused_kernels(kernels, monkeypatch):
     assert kl_per_token(twin, fused).max() < 0.02
 
 
-def test_an_edited_quantized_weight_stops_the_fused_step_at_the_next_step(kernels, monkeypatch):
+@pytest.mark.parametrize("change", ["codes edited", "bias added"])
+def test_a_changed_quantized_layer_stops_the_fused_step_at_the_next_step(kernels, monkeypatch, change):
     model = quantized_tiny("q4_1")
+    w2, n = model.layers[1].mlp.w2, model.config.n_layers
     spy = CountingKernels(kernels)
     monkeypatch.setattr(cpu_kernels, "_loaded", spy)
     model.setup_cache(1, 16)
     with torch.inference_mode():
         model(torch.tensor([[5, 9, 2, 7]]))
         model(torch.tensor([[3]]), start=4)
-        assert spy.blocks == model.config.n_layers
-        model.layers[1].mlp.w2.raw.view(-1, 20)[:, 4:] = 0  # every nibble 0: only the block mins remain
-        edited = model(torch.tensor([[3]]), start=5)
-    assert spy.blocks == model.config.n_layers, "the edited layer made the step run as modules"
-    model.layers[1].mlp.w2.prepare_kernel()
-    with torch.inference_mode():
-        assert torch.allclose(model(torch.tensor([[3]]), start=5), edited, atol=1e-4), "the modules used the edit"
-    assert spy.blocks == 2 * model.config.n_layers, "repacked: fused again"
+        assert spy.blocks == n
+        if change == "codes edited":
+            w2.raw.view(-1, 20)[:, 4:] = 0  # every nibble 0: only the block mins remain
+        else:
+            w2.bias = torch.ones(64)  # the fused block has no bias
+        changed = model(torch.tensor([[3]]), start=5)
+    assert spy.blocks == n, "the changed layer made the step run as modules"
+    if change == "codes edited":
+        w2.prepare_kernel()
+        with torch.inference_mode():
+            assert torch.allclose(model(torch.tensor([[3]]), start=5), changed, atol=1e-4), "the modules used the edit"
+        assert spy.blocks == 2 * n, "repacked: fused again"
 
 
 def test_gptq_layers_get_the_kernels_too(kernels, monkeypatch):
@@ -268,17 +274,3 @@ def test_gptq_layers_get_the_kernels_too(kernels, monkeypatch):
     assert spy.blocks == 5 * model.config.n_layers
     monkeypatch.setattr(fused_decode, "plan_for", lambda model: None)
     torch.testing.assert_close(fused, decode_logits(model, [[5, 9, 2, 7], [8, 3]]), rtol=1e-4, atol=1e-4)
-
-
-def test_a_bias_added_after_planning_stops_the_fused_step(kernels, monkeypatch):
-    model = quantized_tiny("q8_0")
-    spy = CountingKernels(kernels)
-    monkeypatch.setattr(cpu_kernels, "_loaded", spy)
-    model.setup_cache(1, 16)
-    with torch.inference_mode():
-        model(torch.tensor([[5, 9, 2, 7]]))
-        model(torch.tensor([[3]]), start=4)
-        assert spy.blocks == model.config.n_layers
-        model.layers[0].mlp.w2.bias = torch.ones(64)
-        model(torch.tensor([[3]]), start=5)
-    assert spy.blocks == model.config.n_layers, "the fused block has no bias: the modules ran"
