@@ -40,6 +40,17 @@ def build_dir() -> Path:
 
 
 STALE_LOCK_S = 300  # a build takes about a minute here; a lock this old was left by a killed one
+LOAD_WAIT_S = 30.0  # how long loading (not building) waits for another process's lock
+
+
+def wait_for_lock(lock: Path, timeout_s: float) -> bool:
+    """True once `lock` is gone; False if it is still there after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while lock.exists():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def clear_stale_lock(lock: Path, wait_s: float = STALE_LOCK_S) -> bool:
@@ -73,11 +84,14 @@ def kernels(build: bool = False):
         return None
     lock = folder / "lock"
     if lock.exists():  # PyTorch's builder waits for this file to go, forever if its build was killed
-        if not build:
+        # Another process holds it for a moment to check that the module is up to date, or
+        # for a minute to build it: loading waits a little, never for an abandoned lock.
+        if not build and not wait_for_lock(lock, LOAD_WAIT_S):
             _error = (f"a build of them holds {lock} (in progress, or interrupted: run "
                       "python -m reference_engine build-kernels)")
             return None
-        clear_stale_lock(lock)
+        if build:
+            clear_stale_lock(lock)
     try:
         from torch.utils.cpp_extension import load
 
