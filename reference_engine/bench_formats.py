@@ -14,9 +14,7 @@ from __future__ import annotations
 import statistics
 import time
 
-import torch
-
-from .bench import bench_decode, bench_decode_and_bandwidth, bench_prefill, format_rows
+from .bench import bench_decode, bench_decode_and_bandwidth, bench_prefill, decode_path, format_rows
 from .errors import DojoError
 
 # `all`: the formats the compiled integer kernels cover, and one they do not (w8a8)
@@ -40,11 +38,10 @@ def kernel_share(model) -> str:
 
     layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     if not layers:
-        dtype = model.tok_embeddings.weight.dtype
-        return cpu_kernels.status() if dtype == torch.float32 else f"PyTorch blocks in {str(dtype).removeprefix('torch.')}"
+        return decode_path(model)  # float32 (compiled or not) or 16-bit floats
     covered = sum(m.kernel is not None for m in layers)
     if cpu_kernels._loaded is None:
-        return f"PyTorch (compiled kernels {cpu_kernels.status().split('(compiled kernels ')[-1].rstrip(')')})"
+        return f"PyTorch (compiled kernels {cpu_kernels.unavailable()})"
     if covered == len(layers):
         return "compiled integer kernels, int8 activations"
     if covered == 0:

@@ -111,4 +111,9 @@ def status() -> str:
     if _loaded is not None:
         return ("compiled: Llama blocks fused, packed matmuls for 1-64 rows, integer matmuls on quantized weights"
                 + ("" if _loaded.have_vnni() else " (no AVX-512 VNNI: their plain loop)"))
-    return f"PyTorch blocks, oneDNN matmuls (compiled kernels {_error or 'not loaded'})"
+    return f"PyTorch blocks, oneDNN matmuls (compiled kernels {unavailable()})"
+
+
+def unavailable() -> str:
+    """Why the compiled kernels are not loaded, in words (for reports)."""
+    return _error or "not loaded"
