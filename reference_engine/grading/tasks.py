@@ -130,4 +130,5 @@ def load_chapters() -> None:
         ch02_positional_encoding,
         ch03_decoding_kv_cache,
         ch04_quantization,
+        ch05_pruning_low_rank,
     )
