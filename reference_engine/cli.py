@@ -111,6 +111,29 @@ def build_parser() -> argparse.ArgumentParser:
                          "the integer kernels available)")
     pn.add_argument("--calibration-windows", type=int, default=8, metavar="N",
                     help="256-token windows of calibration text to score with (default 8)")
+    di = with_model(sub.add_parser("distill", help="train a student made of some of the teacher's blocks on the "
+                                                   "teacher's outputs; write it as a GGUF file"))
+    di.add_argument("out", help="the GGUF file to write, for example smollm2-student.gguf")
+    di.add_argument("--blocks", default="least-important", help="least-important (default; chapter 5's block "
+                                                                 "score), every-other, or a list like 0,2,4")
+    di.add_argument("--n-blocks", type=int, metavar="N", help="blocks the student keeps (default: half)")
+    di.add_argument("--student", metavar="PATH", help="distil into this GGUF model instead (for example the output "
+                                                       "of prune); it must have the teacher's vocabulary")
+    di.add_argument("--data", default="text", help="text (the pydoc topics, default) or generated (by the teacher)")
+    di.add_argument("--steps", type=int, default=100)
+    di.add_argument("--minutes", type=float, help="train for about this long (sets --steps from two timed steps)")
+    di.add_argument("--batch", type=int, default=4, help="windows per step (default 4)")
+    di.add_argument("--window", type=int, default=256, help="tokens per window (default 256)")
+    di.add_argument("--lr", type=float, default=1e-3)
+    di.add_argument("--alpha", type=float, default=0.5, help="weight of the soft loss (1: distillation only, 0: "
+                                                              "cross-entropy only)")
+    di.add_argument("--temperature", type=float, default=2.0)
+    di.add_argument("--kl", choices=["forward", "reverse"], default="forward")
+    di.add_argument("--seed", type=int, default=0)
+    di.add_argument("--checkpoint", metavar="PATH", help="default: OUT.ckpt.safetensors; an existing checkpoint of "
+                                                         "the same run is resumed")
+    di.add_argument("--no-bench", action="store_true", help="skip timing the student's decoding against the teacher's")
+    di.add_argument("--json", action="store_true", help="also print one JSON object on the last line")
     sub.add_parser("build-kernels", help="build the optional compiled CPU kernel for decoding (once per machine)")
     return parser
 
@@ -127,15 +150,19 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def load(args):
+def set_threads(args) -> None:
     import torch
-
-    from .load import load_model
 
     if args.threads is not None:
         if args.threads < 1:
             raise DojoError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+
+
+def load(args):
+    from .load import load_model
+
+    set_threads(args)
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model, quantize=getattr(args, "quantize", None),
                                   pack=not getattr(args, "weight_only", False))
@@ -447,6 +474,26 @@ def cmd_speculate(args) -> int:
     return 0
 
 
+def cmd_distill(args) -> int:
+    from .distill.pipeline import format_report, run_distill
+    from .distill.train import DistillConfig
+
+    set_threads(args)
+    cfg = DistillConfig(steps=args.steps, batch=args.batch, lr=args.lr, alpha=args.alpha,
+                        temperature=args.temperature, direction=args.kl, seed=args.seed)
+    try:
+        report = run_distill(args.out, cfg, args.model, args.blocks, args.n_blocks, args.data, args.window,
+                             args.minutes, args.checkpoint, bench=not args.no_bench, progress=sys.stderr.isatty(),
+                             student_path=args.student)
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to resume from the last checkpoint", file=sys.stderr)
+        return 130
+    print(format_report(report))
+    if args.json:
+        print(json.dumps(report))
+    return 0
+
+
 def cmd_build_kernels(args) -> int:
     from . import cpu_kernels
 
@@ -456,4 +503,5 @@ def cmd_build_kernels(args) -> int:
 
 
 COMMANDS = {"build-kernels": cmd_build_kernels, "grade": cmd_grade, "grade-class": cmd_grade_class, "make-exercises": cmd_make_exercises, "progress": cmd_progress, "generate": cmd_generate, "chat": cmd_chat, "demo": cmd_demo, "perplexity": cmd_perplexity,
-            "bench": cmd_bench, "speculate": cmd_speculate, "prune": cmd_prune}
+            "bench": cmd_bench, "speculate": cmd_speculate, "prune": cmd_prune,
+            "distill": cmd_distill}

@@ -127,13 +127,21 @@ def prune_blocks(model, remove: int, scores: torch.Tensor):
     if not 0 <= remove < c.n_layers:
         raise DojoError(f"the model has {c.n_layers} blocks: remove 0 to {c.n_layers - 1}; got {remove}")
     dropped = set(torch.topk(-scores, remove).indices.tolist()) if remove else set()
-    kept = [i for i in range(c.n_layers) if i not in dropped]
+    return keep_blocks(model, [i for i in range(c.n_layers) if i not in dropped])
+
+
+def keep_blocks(model, blocks: list[int]):
+    """A new model made of these blocks of `model`, in this order, with its embedding, final
+    norm and head. Example: keep_blocks(model, list(range(0, 30, 2))) keeps every other block."""
+    c = model.config
+    if not blocks or any(not 0 <= i < c.n_layers for i in blocks) or len(set(blocks)) != len(blocks):
+        raise DojoError(f"blocks to keep must be distinct indices in [0, {c.n_layers - 1}], at least one; got {blocks}")
     state = {}
     for key, value in model.state_dict().items():
         if key.startswith("layers."):
             index, rest = key.split(".", 2)[1:]
-            if int(index) in dropped:
+            if int(index) not in blocks:
                 continue
-            key = f"layers.{kept.index(int(index))}.{rest}"
+            key = f"layers.{blocks.index(int(index))}.{rest}"
         state[key] = value
-    return _rebuild(model, replace(c, n_layers=len(kept)), state)
+    return _rebuild(model, replace(c, n_layers=len(blocks)), state)
