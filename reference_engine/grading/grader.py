@@ -5,7 +5,7 @@ grade` and `pytest tests/graders`."""
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -210,14 +210,25 @@ def grade_path(path: str | Path, task_id: str | list[str] | None = None, timeout
     cells = read_cells(path)
     tasks = resolve_tasks(cells, path, task_id)
     blocked = tuple(sorted({m for t in tasks for m in t.blocked_modules}))
-    for cell in cells:
-        cell.problem = scan(cell, blocked)
-    report = Report(str(path), notes=[f"not run: {c.problem}" for c in cells if c.problem])
+    # The scan runs once per set of allowances: a name one task may use (an optimiser's
+    # gradient clipping) stays refused in the cells every other task runs.
+    scanned = {allowed: [replace(c, problem=scan(c, blocked, allowed)) for c in cells]
+               for allowed in {t.allowed_names for t in tasks}}
+    notes = []
+    for i, cell in enumerate(cells):
+        problems = {t.id: scanned[t.allowed_names][i].problem for t in tasks}
+        allowed = [task_id for task_id, problem in problems.items() if problem is None]
+        problem = next((p for p in problems.values() if p), None)
+        if problem and not allowed:
+            notes.append(f"not run: {problem}")
+        elif problem:  # fine for the tasks allowed to use it, refused for the others
+            notes.append(f"cell {cell.number} runs for task {', '.join(allowed)} only: {problem.split(': ', 1)[1]}")
+    report = Report(str(path), notes=notes)
     stopped: list[StoppedCell] = []
     live.start_notebook(path, tasks)
     for task in tasks:
         live.start_task(task)
-        results = grade_task(task, cells, timeout_s, stopped, live)
+        results = grade_task(task, scanned[task.allowed_names], timeout_s, stopped, live)
         live.end_task(task, results)
         report.results += results
     live.end_notebook(report)
