@@ -183,6 +183,9 @@ def test_distill_command_writes_a_student_that_loads_back(tiny_file, tmp_path): 
     other = run_cli("distill", out, "--model", tiny_file, "--blocks", "every-other", "--steps", "3", "--batch", "2",
                     "--window", "32", "--no-bench", "--lr", "0.01")
     assert_clean_error(other, "another run", "lr")
+    shorter = run_cli("distill", out, "--model", tiny_file, "--blocks", "every-other", "--steps", "3", "--batch", "2",
+                      "--window", "16", "--no-bench")
+    assert_clean_error(shorter, "another run", "data")
 
 
 @pytest.mark.parametrize("args,words", [

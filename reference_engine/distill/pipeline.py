@@ -112,7 +112,8 @@ def run_distill(out: str, cfg: DistillConfig, model_path: str | None = None, blo
             steps, per_step = steps_for_minutes(student, teacher, windows, valid, cfg, minutes)
             cfg, estimate = replace(cfg, steps=steps), per_step
     teacher_file = Path(model_path) if model_path else None
-    identity = run_identity(cfg, chosen, data_kind, teacher_file.name if teacher_file else "SmolLM2-135M-Instruct")
+    identity = run_identity(cfg, chosen, f"{data_kind}, windows of {window}",
+                            teacher_file.name if teacher_file else "SmolLM2-135M-Instruct")
 
     held_out = evaluation_windows(tokenizer, eval_windows, window)
     ref = reference_logprobs(teacher, held_out)
