@@ -2,6 +2,7 @@
 one, training on a teacher lowers the student's KL to it, and an interrupted run resumes
 to exactly where an uninterrupted one gets."""
 
+import json
 import math
 
 import pytest
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from test_cli import assert_clean_error, run_cli, tiny_file  # noqa: F401 (fixture)
 from tiny_gguf import tiny_llama
 
+from reference_engine.cli import main
 from reference_engine.compression.structured import keep_blocks
 from reference_engine.distill import losses, train
 from reference_engine.errors import DojoError
@@ -164,28 +166,43 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
                       progress=False)
 
 
-def test_distill_command_writes_a_student_that_loads_back(tiny_file, tmp_path):  # noqa: F811
+def distill_cli(capsys, *args):
+    """The distill command in this process (its flags, its error handling), returning
+    (exit code, stdout, stderr): a subprocess per call would cost a torch import each."""
+    code = main(["distill", *map(str, args)])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def assert_refused(result, *words):
+    code, _, err = result
+    assert code == 2 and err.startswith("error: ") and "Traceback" not in err, err
+    for word in words:
+        assert word in err, err
+
+
+TINY_RUN = ("--steps", "3", "--batch", "2", "--window", "32", "--no-bench")
+
+
+def test_distill_command_writes_a_student_that_loads_back(tiny_file, tmp_path, capsys):  # noqa: F811
     from reference_engine import load_model
 
     out = tmp_path / "student.gguf"
-    result = run_cli("distill", out, "--model", tiny_file, "--blocks", "every-other", "--steps", "3", "--batch", "2",
-                     "--window", "32", "--no-bench", "--json")
-    assert result.returncode == 0, result.stderr
-    report = __import__("json").loads(result.stdout.splitlines()[-1])
+    code, stdout, err = distill_cli(capsys, out, "--model", tiny_file, "--blocks", "every-other", *TINY_RUN, "--json")
+    assert code == 0, err
+    report = json.loads(stdout.splitlines()[-1])
     assert report["blocks"] == [0] and report["steps"] == 3
     assert {"perplexity", "kl", "top1"} <= set(report["after"])
     student, _ = load_model(out)
     assert student.config.n_layers == 1
     assert (tmp_path / "student.gguf.ckpt.safetensors").exists()
-    again = run_cli("distill", out, "--model", tiny_file, "--blocks", "every-other", "--steps", "3", "--batch", "2",
-                    "--window", "32", "--no-bench")
-    assert again.returncode == 0 and "resumed at step 3" in again.stdout
-    other = run_cli("distill", out, "--model", tiny_file, "--blocks", "every-other", "--steps", "3", "--batch", "2",
-                    "--window", "32", "--no-bench", "--lr", "0.01")
-    assert_clean_error(other, "another run", "lr")
-    shorter = run_cli("distill", out, "--model", tiny_file, "--blocks", "every-other", "--steps", "3", "--batch", "2",
-                      "--window", "16", "--no-bench")
-    assert_clean_error(shorter, "another run", "data")
+    code, stdout, _ = distill_cli(capsys, out, "--model", tiny_file, "--blocks", "every-other", *TINY_RUN)
+    assert code == 0 and "resumed at step 3" in stdout
+    assert_refused(distill_cli(capsys, out, "--model", tiny_file, "--blocks", "every-other", *TINY_RUN, "--lr", "0.01"),
+                   "another run", "lr")
+    shorter = [a if a != "32" else "16" for a in TINY_RUN]
+    assert_refused(distill_cli(capsys, out, "--model", tiny_file, "--blocks", "every-other", *shorter),
+                   "another run", "data")
 
 
 @pytest.mark.parametrize("args,words", [
@@ -194,29 +211,36 @@ def test_distill_command_writes_a_student_that_loads_back(tiny_file, tmp_path): 
     (["--blocks", "0,7"], ["blocks to keep"]),
     (["--data", "books"], ["--data"]),
 ])
-def test_distill_rejects_bad_requests_and_writes_nothing(tiny_file, tmp_path, args, words):  # noqa: F811
+def test_distill_rejects_bad_requests_and_writes_nothing(tiny_file, tmp_path, capsys, args, words):  # noqa: F811
     out = tmp_path / "student.gguf"
-    assert_clean_error(run_cli("distill", out, "--model", tiny_file, "--steps", "2", "--no-bench", *args), *words)
+    assert_refused(distill_cli(capsys, out, "--model", tiny_file, "--steps", "2", "--no-bench", *args), *words)
     assert not list(tmp_path.iterdir())
 
 
-def test_distill_refuses_a_student_of_another_vocabulary(tiny_file, tmp_path):  # noqa: F811
-    from reference_engine.gguf_loader import default_model_path
-
-    result = run_cli("distill", tmp_path / "s.gguf", "--student", tiny_file, "--steps", "1", "--no-bench")
-    assert_clean_error(result, "vocabulary", "teacher")
-    assert default_model_path().exists()
+def test_distill_refuses_a_student_of_another_vocabulary(tiny_file, tmp_path, capsys):  # noqa: F811
+    assert_refused(distill_cli(capsys, tmp_path / "s.gguf", "--student", tiny_file, "--steps", "1", "--no-bench"),
+                   "vocabulary", "teacher")
 
 
-def test_distill_heals_a_pruned_model_of_its_own(tiny_file, tmp_path):  # noqa: F811
+def test_distill_heals_a_pruned_model_of_its_own(tiny_file, tmp_path, capsys):  # noqa: F811
     from reference_engine import load_model
 
     pruned = tmp_path / "pruned.gguf"
-    assert run_cli("prune", pruned, "--model", tiny_file, "--ffn-keep", "64", "--calibration-windows", "1").returncode == 0
+    assert main(["prune", str(pruned), "--model", str(tiny_file), "--ffn-keep", "64", "--calibration-windows", "1"]) == 0
     out = tmp_path / "healed.gguf"
-    result = run_cli("distill", out, "--model", tiny_file, "--student", pruned, "--steps", "2", "--batch", "2",
-                     "--window", "32", "--no-bench", "--json")
-    assert result.returncode == 0, result.stderr
-    assert "student: pruned.gguf: 2 blocks" in result.stdout
+    code, stdout, err = distill_cli(capsys, out, "--model", tiny_file, "--student", pruned, *TINY_RUN)
+    assert code == 0, err
+    assert "student: pruned.gguf: 2 blocks" in stdout
     healed, _ = load_model(out)
     assert healed.config.ffn_dim == 64
+
+
+def test_the_distill_command_runs_as_a_program(tiny_file, tmp_path):  # noqa: F811
+    """Once through a real process: the entry point, exit code and output."""
+    out = tmp_path / "student.gguf"
+    result = run_cli("distill", out, "--model", tiny_file, "--blocks", "0", "--steps", "1", "--batch", "1",
+                     "--window", "16", "--no-bench")
+    assert result.returncode == 0, result.stderr
+    assert f"wrote {out}" in result.stdout
+    assert_clean_error(run_cli("distill", tmp_path / "x.gguf", "--model", tiny_file, "--temperature", "-1"),
+                       "temperature")
