@@ -161,7 +161,7 @@ def load_checkpoint(path: Path, student, optimizer: torch.optim.Optimizer, ident
                         "Resume with the same settings, or pass a new --checkpoint path.")
     student.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
     state = optimizer.state_dict()
-    for i in range(len(state["param_groups"][0]["params"]) + len(state["param_groups"][1]["params"])):
+    for i in range(sum(len(group["params"]) for group in state["param_groups"])):
         if f"optim.{i}.exp_avg" in tensors:
             state["state"][i] = {"step": tensors[f"optim.{i}.step"][0].clone(),
                                  "exp_avg": tensors[f"optim.{i}.exp_avg"], "exp_avg_sq": tensors[f"optim.{i}.exp_avg_sq"]}

@@ -42,10 +42,6 @@ def few_magnitudes(g, rows: int, cols: int) -> torch.Tensor:
 # -- 5.1 magnitude, per row -------------------------------------------------------------------------
 
 
-def magnitude64(w, sparsity):
-    return prune.magnitude_mask(w, sparsity)
-
-
 def magnitude_cases(g):
     return [
         Case("values", [torch.randn(8, 40, generator=g), 0.5], {}, "w (8, 40), sparsity 0.5"),
@@ -112,10 +108,6 @@ def n_m_cases(g):
 # -- 5.4 CSR ------------------------------------------------------------------------------------------
 
 
-def to_csr64(w):
-    return sparse.to_csr(w)
-
-
 def pruned(g, rows: int, cols: int, density: float, empty_rows=()) -> torch.Tensor:
     w = torch.randn(rows, cols, generator=g) * (torch.rand(rows, cols, generator=g) < density)
     w[list(empty_rows)] = 0
@@ -138,10 +130,6 @@ def csr_cases(g):
 
 def csr_args(g, rows: int, cols: int, density: float, empty_rows=()) -> list:
     return [*sparse.to_csr(pruned(g, rows, cols, density, empty_rows)), torch.randn(cols, generator=g)]
-
-
-def matvec64(values, col_index, row_ptr, x):
-    return sparse.csr_matvec(values, col_index, row_ptr, x)
 
 
 def matvec_cases(g):
@@ -250,7 +238,7 @@ MASK_RANKING = ("sort each row's scores ascending with a stable sort (torch.sort
 register(
     Task(
         id="5.1", chapter="ch05_pruning_low_rank", title="a magnitude mask, per row", function="magnitude_mask",
-        params=("w", "sparsity"), reference=magnitude64, make_cases=magnitude_cases,
+        params=("w", "sparsity"), reference=prune.magnitude_mask, make_cases=magnitude_cases,
         checks={
             "values": Check(3, "remove the k = floor(sparsity * in) smallest |w| of each row: rank |w|, not w "
                                "(a large negative weight matters as much as a large positive one)"),
@@ -289,7 +277,7 @@ register(
     ),
     Task(
         id="5.4", chapter="ch05_pruning_low_rank", title="CSR storage", function="to_csr",
-        params=("w",), reference=to_csr64, make_cases=csr_cases,
+        params=("w",), reference=sparse.to_csr, make_cases=csr_cases,
         checks={
             "values": Check(3, "the nonzeros in row-major order (row by row, columns ascending in a row): "
                                "w.nonzero(as_tuple=True) gives them so, with their column indices"),
@@ -302,7 +290,7 @@ register(
     ),
     Task(
         id="5.5", chapter="ch05_pruning_low_rank", title="a CSR matvec", function="csr_matvec",
-        params=("values", "col_index", "row_ptr", "x"), reference=matvec64, make_cases=matvec_cases,
+        params=("values", "col_index", "row_ptr", "x"), reference=sparse.csr_matvec, make_cases=matvec_cases,
         checks={
             "values": Check(3, "y_i = sum over k in [row_ptr[i], row_ptr[i + 1]) of values[k] * x[col_index[k]]: "
                                "the row's slice ends before row_ptr[i + 1], and x is indexed by column"),

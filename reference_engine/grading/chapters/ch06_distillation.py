@@ -20,7 +20,7 @@ import torch
 from ...compression.structured import keep_blocks
 from ...distill.losses import distill_loss, soft_kl
 from ..tasks import Case, Check, Task, register
-from .ch06_harness import reference_step, run_steps, seeded, teacher
+from .ch06_harness import STUDENT, reference_step, run_steps, seeded, teacher
 
 VOCAB = 40
 
@@ -178,8 +178,7 @@ def step_cases(g):
     def batch():
         ids = torch.randint(0, 64, (2, 8), generator=g)
         with torch.no_grad():
-            teacher_logits = seeded(dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
-                                         ffn_dim=64, max_seq_len=64), 7)(ids)
+            teacher_logits = seeded(STUDENT, 7)(ids)  # another small model of the student's shape
         return [ids, teacher_logits]
 
     return [
