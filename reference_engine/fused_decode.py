@@ -40,7 +40,7 @@ def applies(model: "m.Transformer") -> bool:
         return False
     if (c.norm, c.pos_encoding, c.mlp, c.bias) != ("rmsnorm", "rope", "swiglu", False):
         return False
-    if model.tok_embeddings.weight.dtype != torch.float32:
+    if model.tok_embeddings.weight.dtype != torch.float32 or model.tok_embeddings.weight.device.type != "cpu":
         return False
     attend = ATTENTION_IMPLS[c.attn_impl]
     return all(_own_block(layer, attend) for layer in model.layers)

@@ -104,12 +104,16 @@ class RMSNorm(nn.Module):
     overflows once |x| passes 256 (x^2 > 65504, SmolLM2's residual stream gets there), and
     a mean of 576 squares in bfloat16 keeps only 8 bits of it."""
 
+    fused = None  # f(x, weight, eps): a fused kernel doing the same (`Transformer.set_kernels`)
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused is not None:
+            return self.fused(x, self.weight, self.eps)
         xf = x.to(torch.promote_types(x.dtype, torch.float32))  # float32 and float64 unchanged
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (y * self.weight).to(x.dtype)
@@ -131,6 +135,7 @@ class Attention(nn.Module):
         self.rope_layout = config.rope_layout if config.pos_encoding == "rope" else None
         self.kv_cache: KVCache | PagedKVCache | None = None
         self.attend = ATTENTION_IMPLS[config.attn_impl]  # (q, k, v, mask, is_causal) -> (B, H, T, D)
+        self.rotate = apply_rope  # (x, cos, sin, layout) -> x rotated (`Transformer.set_kernels`)
 
     def use_cache(self, cache) -> None:
         """Attach a KV cache (anything with update(start, k, v)), or None to detach it. Kept
@@ -146,7 +151,7 @@ class Attention(nn.Module):
         qkv = self.wqkv(x).view(B, T, H + 2 * KV, D)  # (B, T, H+2KV, D)
         qk, v = qkv[:, :, : H + KV], qkv[:, :, H + KV :]
         if self.rope_layout is not None:
-            qk = apply_rope(qk, *rope, self.rope_layout)  # Q and K heads rotated in one call
+            qk = self.rotate(qk, *rope, self.rope_layout)  # Q and K heads rotated in one call
         q = qk[:, :, :H].transpose(1, 2)  # (B, H, T, D)
         k = qk[:, :, H:].transpose(1, 2)  # (B, KV, T, D)
         v = v.transpose(1, 2)  # (B, KV, T, D)
@@ -276,6 +281,24 @@ class Transformer(nn.Module):
             raise DojoError(f"set_attention expects a name in {sorted(ATTENTION_IMPLS)} or a function, got {fn!r}")
         for layer in self.layers:
             layer.attn.attend = fn
+
+    def set_kernels(self, kind: str) -> None:
+        """"triton": RMSNorm, RoPE and attention run as the Triton kernels of `kernels/`
+        (compiled on a GPU, interpreted on a CPU); "torch": back to PyTorch's operations.
+        Example: model.set_kernels("triton") on a CUDA model (load_model does it there)."""
+        if kind not in ("torch", "triton"):
+            raise DojoError(f"set_kernels takes 'torch' or 'triton', got {kind!r}")
+        if kind == "torch":
+            fused, rotate, attend = None, apply_rope, ATTENTION_IMPLS[self.config.attn_impl]
+        else:
+            from .kernels import layers  # imports triton (a DojoError says how to install it)
+
+            fused, rotate, attend = layers.rmsnorm, layers.rope, layers.attention
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.fused = fused
+            elif isinstance(module, Attention):
+                module.rotate, module.attend = rotate, attend
 
     # -- cache management -------------------------------------------------------------
 

@@ -17,6 +17,7 @@ The parent loads the results with torch.load(weights_only=True): only tensors an
 data can come back, and the parent trusts nothing else from this process.
 """
 
+import linecache
 import os
 import sys
 
@@ -90,6 +91,9 @@ sys.addaudithook(audit)
 
 learner = {"__name__": "__main__"}
 for index, source in enumerate(job["cells"]):
+    # Each cell's text is registered as the source of its file name, as IPython does:
+    # inspect.getsource then finds functions defined in it (Triton's @jit reads its kernel's source).
+    linecache.cache[f"<cell {index + 1}>"] = (len(source), None, source.splitlines(True), f"<cell {index + 1}>")
     # saved before the cell runs: a cell that never ends, or ends the process, is named
     status = {"error": None, "finished": False}
     results["cells"].append(status)

@@ -74,7 +74,8 @@ def scan(cell: Cell, blocked_modules: tuple[str, ...] = (), allowed: tuple[str, 
 
     allowed: dotted names a task may use although they sit under a blocked part of torch,
     for example "torch.nn.utils.clip_grad_norm_" or "torch.autograd.grad" for a training
-    step; only those names, not the rest of torch.nn.utils or torch.autograd."""
+    step; only those names, not the rest of torch.nn.utils or torch.autograd. A plain
+    module name ("triton") allows importing that module and its submodules."""
     try:
         tree = ast.parse(cell.source)
     except SyntaxError as e:
@@ -145,6 +146,10 @@ def _allowed_nodes(tree: ast.AST, allowed: tuple[str, ...]) -> set[int]:
                 inner = inner.value
         elif isinstance(node, ast.ImportFrom) and all(f"{node.module}.{a.name}" in allowed for a in node.names):
             exempt.add(id(node))
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in allowed:
+            exempt.add(id(node))  # from an allowed module (triton.language import ...)
+        elif isinstance(node, ast.Import) and all(a.name.split(".")[0] in allowed for a in node.names):
+            exempt.add(id(node))  # an allowed module itself (import triton)
     return exempt
 
 

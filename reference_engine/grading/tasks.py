@@ -85,6 +85,9 @@ class Task:
     # names under a blocked part of torch this task's code may use (`source.scan`), e.g. a
     # training step's "torch.nn.utils.clip_grad_norm_"; every other task still refuses them
     allowed_names: tuple[str, ...] = ()
+    # a kernel whose speed only means something on a GPU: graded there, and on a CPU the
+    # report says "speed: needs a GPU" (no points lost or given)
+    gpu_speed: bool = False
 
     # Checks every task has, besides its own value checks.
     COMMON = {
@@ -135,4 +138,5 @@ def load_chapters() -> None:
         ch04_quantization,
         ch05_pruning_low_rank,
         ch06_distillation,
+        ch07_gpu_acceleration,
     )

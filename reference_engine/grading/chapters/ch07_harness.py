@@ -1,0 +1,169 @@
+"""The trusted machinery chapter 7's Triton tasks run the learner's launcher in. Runs in the
+grader's child before the learner's code (and in the notebook kernel for the visible checks).
+
+A launcher is called as f(*inputs, *outputs): the grader allocates the outputs. Around
+every input and output tensor it lays NaN canaries (integer tensors: their largest value):
+each row is followed by padding and the whole tensor by a margin, so rows are strided and
+an access that ignores its mask touches a canary. After the call:
+
+  - a canary around an output that changed means a store outside the tensor (an unmasked
+    tl.store); a NaN in the result usually means a load outside one (an unmasked tl.load);
+  - the launcher must have launched a Triton kernel, and must not have computed anything
+    with PyTorch itself: every torch function it calls (outside the kernel launches) is
+    recorded, and anything beyond reading shapes and strides or allocating is refused;
+  - the kernels it launched may not use torch or numpy inside (on a GPU they would not
+    compile; in the interpreter they would quietly run on the CPU).
+On a GPU the tensors are moved there first and the results brought back.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import math
+import textwrap
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from ...kernels import load_triton
+
+triton = load_triton()
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# canary elements after every row (and 16 rows' worth before and after the tensor); inputs
+# and outputs differ, so a launcher passing an input's stride for an output is caught
+PAD_IN, PAD_OUT = 3, 5
+# torch functions a launcher may call: reading shapes and strides, allocating scratch space
+ALLOWED = {"__get__", "size", "stride", "dim", "numel", "element_size", "is_contiguous", "storage_offset",
+           "data_ptr", "empty", "empty_like", "zeros", "zeros_like", "__len__", "__index__", "__int__",
+           "__hash__", "__format__", "__repr__", "cdiv"}
+
+
+class LauncherRule(Exception):
+    """The launcher broke a rule of the exercise (a message for the learner)."""
+
+
+class _State:
+    recording = False
+    launches = 0
+    torch_calls: list[str] = []
+    kernel_problems: list[str] = []
+
+
+class _Recorder(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if _State.recording:
+            name = getattr(func, "__name__", str(func))
+            if name not in ALLOWED:
+                _State.torch_calls.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def _kernel_problem(fn) -> str | None:
+    """'uses torch' when a kernel body names torch or numpy, else None."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+    used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    bad = sorted(used & {"torch", "np", "numpy", "F"})
+    return f"the kernel {fn.__name__} uses {', '.join(bad)}" if bad else None
+
+
+def _patched(run):
+    def launch(self, *args, **kwargs):
+        _State.launches += 1
+        problem = _kernel_problem(self.fn)
+        if problem:
+            _State.kernel_problems.append(problem)
+        was, _State.recording = _State.recording, False  # the launch itself is Triton's business
+        try:
+            return run(self, *args, **kwargs)
+        finally:
+            _State.recording = was
+    return launch
+
+
+InterpretedFunction.run = _patched(InterpretedFunction.run)
+JITFunction.run = _patched(JITFunction.run)
+
+
+def canary_value(dtype: torch.dtype):
+    return float("nan") if dtype.is_floating_point else torch.iinfo(dtype).max
+
+
+def in_canaries(x: torch.Tensor, pad: int = PAD_IN, fill: bool = False) -> torch.Tensor:
+    """A tensor equal to x (or, with fill=True, holding only canaries) whose rows are followed
+    by `pad` canaries and whose whole storage has 16 rows of canaries before and after."""
+    if x.dim() == 2 and x.stride(0) == 1 and x.stride(1) > 1:  # stored transposed: keep it so
+        return in_canaries(x.T, pad, fill).T
+    shape = tuple(x.shape)
+    width = shape[-1] + pad
+    rows = math.prod(shape[:-1])
+    margin = 16 * width
+    buf = torch.full((2 * margin + rows * width,), canary_value(x.dtype), dtype=x.dtype, device=DEVICE)
+    strides, step = [], 1
+    for size in reversed((*shape[:-1], width)):
+        strides.insert(0, step)
+        step *= size
+    view = buf.as_strided(shape, strides, margin)
+    if not fill:
+        view.copy_(x)
+    return view
+
+
+def canaries_intact(view: torch.Tensor) -> bool:
+    """Everything in the view's storage outside the view still holds canaries."""
+    buf = torch.empty(0, dtype=view.dtype, device=view.device).set_(view.untyped_storage())
+    inside = torch.zeros(buf.shape, dtype=torch.bool, device=view.device)
+    inside.as_strided(view.shape, view.stride(), view.storage_offset()).fill_(True)
+    rest = buf[~inside]
+    return bool(rest.isnan().all()) if view.dtype.is_floating_point else bool((rest == canary_value(view.dtype)).all())
+
+
+def launcher_wrap(fn, out_specs):
+    """call(*inputs) -> the outputs (one tensor or a list), after fn(*inputs, *outputs) with
+    everything in canaries. out_specs(*inputs) -> [(shape, dtype), ...]."""
+    def call(*inputs):
+        args = [in_canaries(a) if isinstance(a, torch.Tensor) else a for a in inputs]
+        outs = [in_canaries(torch.empty(shape, dtype=dtype), PAD_OUT, fill=True) for shape, dtype in out_specs(*inputs)]
+        _State.launches, _State.torch_calls, _State.kernel_problems = 0, [], []
+        with _Recorder():
+            _State.recording = True
+            try:
+                fn(*args, *outs)
+            finally:
+                _State.recording = False
+        if _State.torch_calls:
+            names = ", ".join(sorted(set(_State.torch_calls)))
+            raise LauncherRule(f"the launcher computed with PyTorch ({names}): the work belongs in the Triton "
+                               "kernel; a launcher only reads shapes and strides and launches kernel[grid](...)")
+        if _State.kernel_problems:
+            raise LauncherRule(f"{_State.kernel_problems[0]}: inside @triton.jit only triton.language (tl) "
+                               "works on a GPU")
+        if not _State.launches:
+            raise LauncherRule("no Triton kernel was launched: call your @triton.jit kernel as kernel[grid](...)")
+        for i, out in enumerate(outs):
+            if not canaries_intact(out):
+                raise LauncherRule(f"a store landed outside output {i} (a canary next to it changed): mask every "
+                                   "tl.store, and use the output's own strides")
+        results = [o.cpu().clone() for o in outs]
+        return results[0] if len(results) == 1 else results
+    return call
+
+
+# What each task's launcher writes, from its inputs.
+OUT_SPECS = {
+    "softmax": lambda x: [(x.shape, x.dtype)],
+    "rmsnorm": lambda x, w, eps: [(x.shape, x.dtype)],
+    "matmul": lambda a, b: [((a.shape[0], b.shape[1]), a.dtype)],
+    "int4": lambda x, packed, scale, zero, group: [((x.shape[0], packed.shape[0]), x.dtype)],
+    "flash": lambda q, k, v, causal: [(q.shape, q.dtype), (q.shape[:3], torch.float32)],
+}
+
+
+def wrap_task(fn, kind: str):
+    return launcher_wrap(fn, OUT_SPECS[kind])

@@ -1,0 +1,36 @@
+"""The Triton kernels behind the engine's module interfaces (`Transformer.set_kernels`).
+
+Each function has the signature of what it replaces and falls back to PyTorch, with the
+reason in a comment, for the cases its kernel does not cover.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..attention import ATTENTION_IMPLS
+from ..positional import apply_rope
+from .flash_attention import flash_attention
+from .rmsnorm import rmsnorm as triton_rmsnorm
+from .rope import apply_rope as triton_rope
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return triton_rmsnorm(x, weight, eps)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout != "half":  # the kernel pairs i with i + D/2; the engine loads SmolLM2 that way
+        return apply_rope(x, cos, sin, layout)
+    return triton_rope(x, cos, sin)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+              is_causal: bool) -> torch.Tensor:
+    """The engine's attention interface. Without a mask the kernel covers both cases the
+    model asks for: a prompt from slot 0 (causal) and a decode step (one query sees every
+    key). A mask means padding or a prompt continuing a cache: the kernel takes no mask
+    tensor (that would be a second input read per tile), so those go through PyTorch."""
+    if mask is not None:
+        return ATTENTION_IMPLS["sdpa"](q, k, v, mask, is_causal)
+    return flash_attention(q, k, v, causal=is_causal)[0]
