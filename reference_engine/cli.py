@@ -144,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--no-bench", action="store_true", help="skip timing the student's decoding against the teacher's")
     di.add_argument("--json", action="store_true", help="also print one JSON object on the last line")
     sub.add_parser("build-kernels", help="build the optional compiled CPU kernel for decoding (once per machine)")
+    gf = sub.add_parser("gpu-figures", help="on a CUDA GPU: bf16 decode eager / torch.compile / CUDA graphs, and "
+                                            "Triton FlashAttention against SDPA, as one table naming the GPU")
+    gf.add_argument("--model", metavar="PATH", help="GGUF file (default: SmolLM2-135M-Instruct)")
+    gf.add_argument("--new-tokens", type=int, default=128, metavar="N")
+    gf.add_argument("--json", action="store_true", help="also print one JSON object on the last line")
     return parser
 
 
@@ -386,6 +391,11 @@ def bench_backends(args) -> int:
     from .graphs import backend_names, format_backends_table, run_backends
 
     names = backend_names(args.backend)  # unknown names fail before loading
+    on_gpu = args.device.startswith("cuda")
+    if "cudagraphs" in names and not on_gpu:
+        raise DojoError("--backend cudagraphs records CUDA graphs: it needs --device cuda (and a GPU)")
+    if "onnx" in names and (on_gpu or args.dtype != "float32"):
+        raise DojoError("--backend onnx exports a float32 model on the CPU: drop --device/--dtype for it")
     if args.new_tokens < 3:
         raise DojoError(f"--new-tokens must be at least 3 (two steps are set-up), got {args.new_tokens}")
     model, tokenizer, _ = load(args)
@@ -540,6 +550,16 @@ def cmd_build_kernels(args) -> int:
     return 0  # the engine works without the kernel: not an error
 
 
-COMMANDS = {"build-kernels": cmd_build_kernels, "grade": cmd_grade, "grade-class": cmd_grade_class, "make-exercises": cmd_make_exercises, "progress": cmd_progress, "generate": cmd_generate, "chat": cmd_chat, "demo": cmd_demo, "perplexity": cmd_perplexity,
+def cmd_gpu_figures(args) -> int:
+    from .gpu_figures import format_gpu_figures, run_gpu_figures
+
+    figures = run_gpu_figures(args.model, args.new_tokens)
+    print(format_gpu_figures(figures))
+    if args.json:
+        print(json.dumps(figures))
+    return 0
+
+
+COMMANDS = {"build-kernels": cmd_build_kernels, "gpu-figures": cmd_gpu_figures, "grade": cmd_grade, "grade-class": cmd_grade_class, "make-exercises": cmd_make_exercises, "progress": cmd_progress, "generate": cmd_generate, "chat": cmd_chat, "demo": cmd_demo, "perplexity": cmd_perplexity,
             "bench": cmd_bench, "speculate": cmd_speculate, "prune": cmd_prune,
             "distill": cmd_distill}

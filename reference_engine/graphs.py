@@ -35,7 +35,8 @@ from torch import nn
 from .errors import DojoError
 from .positional import apply_rope
 
-BACKENDS = ("eager", "compile", "onnx")
+BACKENDS = ("eager", "compile", "onnx")  # what a CPU runs; "cudagraphs" needs a GPU
+GPU_BACKENDS = ("cudagraphs",)
 
 
 def check_graphable(model) -> None:
@@ -149,27 +150,66 @@ def make_step(model, backend: str, max_len: int, onnx_path: str | Path | None = 
     """step(tokens (B, T), start int, k, v) -> (logits, k, v) for a backend of BACKENDS, and
     the CompileCounter (torch.compile) or None. ONNX exports to onnx_path (a temporary
     file when None) and runs in ONNX Runtime on the CPU."""
-    if backend not in BACKENDS:
-        raise DojoError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend not in BACKENDS + GPU_BACKENDS:
+        raise DojoError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS + GPU_BACKENDS)}")
     check_graphable(model)
+    device = model.tok_embeddings.weight.device
     if backend == "onnx":
         return OnnxStep(model, max_len, onnx_path), None
     step = StaticStep(model, inplace=True)
     if backend == "eager":
-        return lambda tokens, start, k, v: step(tokens, as_index(start), k, v), None
+        return lambda tokens, start, k, v: step(tokens, as_index(start, device), k, v), None
+    if backend == "cudagraphs":
+        return cuda_graph_step(model, step, max_len), None
     counter = CompileCounter()
     compiled = torch.compile(step, backend=counter, fullgraph=True)
 
     def run(tokens, start, k, v):
         # The prompt (T > 1) runs eagerly: only the decode step, T = 1, is compiled, once.
         fn = compiled if tokens.shape[1] == 1 else step
-        return fn(tokens, as_index(start), k, v)
+        return fn(tokens, as_index(start, device), k, v)
 
     return run, counter
 
 
-def as_index(start) -> torch.Tensor:
-    return start if isinstance(start, torch.Tensor) else torch.tensor(start, dtype=torch.int64)
+def as_index(start, device="cpu") -> torch.Tensor:
+    return start if isinstance(start, torch.Tensor) else torch.tensor(start, dtype=torch.int64, device=device)
+
+
+class CachedStep(nn.Module):
+    """The static step with its caches as buffers of the module: what CUDA graphs need, since
+    a recorded graph replays with the same memory addresses (mutating a graph's *inputs*
+    makes torch.compile skip the CUDA graph; mutating its buffers does not)."""
+
+    def __init__(self, step: StaticStep, k_cache: torch.Tensor, v_cache: torch.Tensor):
+        super().__init__()
+        self.step = step
+        self.register_buffer("k_cache", k_cache, persistent=False)
+        self.register_buffer("v_cache", v_cache, persistent=False)
+
+    def forward(self, tokens: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        return self.step(tokens, start, self.k_cache, self.v_cache)[0]
+
+
+def cuda_graph_step(model, step: StaticStep, max_len: int):
+    """step(tokens, start, k, v) -> (logits, k, v) whose decode calls replay one CUDA graph
+    (torch.compile mode="reduce-overhead"). The caches live in the module: the k and v
+    arguments are ignored and returned unchanged. GPU only."""
+    device = model.tok_embeddings.weight.device
+    if device.type != "cuda":
+        raise DojoError("the cudagraphs backend records CUDA graphs: it needs the model on a GPU (--device cuda)")
+    cached = None
+
+    def run(tokens, start, k, v):
+        nonlocal cached
+        if cached is None or cached.k_cache.shape[1] != tokens.shape[0]:
+            cached = CachedStep(step, *empty_caches(model, tokens.shape[0], max_len))
+            cached.compiled = torch.compile(cached, mode="reduce-overhead", fullgraph=True)
+        fn = cached.compiled if tokens.shape[1] == 1 else cached  # the prompt runs eagerly
+        logits = fn(tokens, as_index(start, device))
+        return logits.clone(), k, v  # clone: the graph's output buffer is reused by the next replay
+
+    return run
 
 
 @torch.inference_mode()
@@ -271,9 +311,10 @@ def export_onnx(model, max_len: int, path: Path) -> float:
 def backend_names(spec: str) -> list[str]:
     """"eager,compile" -> ["eager", "compile"]; "all" -> every backend. Unknown names fail."""
     names = list(BACKENDS) if spec == "all" else [s.strip() for s in spec.split(",") if s.strip()]
-    wrong = [n for n in names if n not in BACKENDS]
+    wrong = [n for n in names if n not in BACKENDS + GPU_BACKENDS]
     if wrong or not names:
-        raise DojoError(f"--backend takes a comma-separated list of {', '.join(BACKENDS)} or 'all'; got {spec!r}")
+        raise DojoError(f"--backend takes a comma-separated list of {', '.join(BACKENDS + GPU_BACKENDS)} or 'all' "
+                        f"(the CPU's three); got {spec!r}")
     return names
 
 

@@ -53,13 +53,15 @@ class PackedWeight:
     def __init__(self, weight: torch.Tensor):
         self.source = weight
         self.version = weight._version
+        self.address = (weight.data_ptr(), weight.dtype)  # model.double() swaps .data under the same Parameter
         self.kernels = cpu_kernels.kernels() if weight.is_contiguous() else None
         self.blocks = self.kernels.pack_weight(weight.detach()) if self.kernels else None  # (out/16, in, 16)
         self.blocked = None if self.kernels else torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 16)
 
     def current(self, weight: torch.Tensor) -> bool:
         """True while `weight` is the very tensor that was copied, unchanged since."""
-        return weight is self.source and weight._version == self.version
+        return (weight is self.source and weight._version == self.version
+                and (weight.data_ptr(), weight.dtype) == self.address)
 
     def fits(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
         """A current copy, a small input, and no gradient wanted (the kernels have none)."""

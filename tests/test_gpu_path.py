@@ -119,6 +119,9 @@ def test_device_and_dtype_errors_name_the_fix():
     (["generate", "hi", "--dtype", "float8"], "unknown dtype"),
     (["bench", "--backend", "tensorrt"], "--backend takes"),
     (["prune", "out.gguf", "--device", "cuda"], "runs on the CPU in float32"),
+    (["bench", "--backend", "cudagraphs"], "needs --device cuda"),
+    (["bench", "--backend", "onnx", "--dtype", "bfloat16"], "float32 model on the CPU"),
+    (["gpu-figures"], "has none visible to PyTorch"),
 ])
 def test_cli_refuses_bad_devices_dtypes_and_backends_in_one_line(argv, message, capsys):
     assert main(argv) == 2
@@ -133,3 +136,15 @@ def test_cli_without_triton_says_how_to_install_it(monkeypatch, capsys):
     assert main(["generate", "hi", "--kernels", "triton", "--max-new-tokens", "2"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "pip install triton" in err
+
+
+def test_a_packed_model_converted_to_another_dtype_drops_its_packed_copies():
+    """model.to(dtype) swaps each weight's data under the same Parameter: the packed float32
+    copies must not be used for it (they would be stale, and of the wrong dtype)."""
+    model = tiny_llama(seed=2).requires_grad_(False)
+    model.pack_for_cpu()
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    with torch.no_grad():
+        expected = model(ids).double()
+        model.double()
+        assert (model(ids) - expected).abs().max() < 1e-4

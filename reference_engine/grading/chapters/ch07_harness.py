@@ -91,8 +91,18 @@ InterpretedFunction.run = _patched(InterpretedFunction.run)
 JITFunction.run = _patched(JITFunction.run)
 
 
-def canary_value(dtype: torch.dtype):
-    return float("nan") if dtype.is_floating_point else torch.iinfo(dtype).max
+# Float canaries are NaNs with a payload of their own: a NaN the kernel computes and stores
+# has other bits, so a stray store of NaN is caught too. Compared as integers.
+NAN_BITS = {torch.float32: (torch.int32, 0x7FC0DEAD), torch.float16: (torch.int16, 0x7E5A),
+            torch.bfloat16: (torch.int16, 0x7FDA), torch.float64: (torch.int64, 0x7FF8DEAD00000000)}
+
+
+def as_bits(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The tensor viewed as integers, and its canary as an integer."""
+    if t.dtype.is_floating_point:
+        int_dtype, bits = NAN_BITS[t.dtype]
+        return t.view(int_dtype), bits
+    return t, torch.iinfo(t.dtype).max
 
 
 def in_canaries(x: torch.Tensor, pad: int = PAD_IN, fill: bool = False) -> torch.Tensor:
@@ -104,7 +114,9 @@ def in_canaries(x: torch.Tensor, pad: int = PAD_IN, fill: bool = False) -> torch
     width = shape[-1] + pad
     rows = math.prod(shape[:-1])
     margin = 16 * width
-    buf = torch.full((2 * margin + rows * width,), canary_value(x.dtype), dtype=x.dtype, device=DEVICE)
+    buf = torch.empty((2 * margin + rows * width,), dtype=x.dtype, device=DEVICE)
+    bits, canary = as_bits(buf)
+    bits.fill_(canary)
     strides, step = [], 1
     for size in reversed((*shape[:-1], width)):
         strides.insert(0, step)
@@ -120,8 +132,8 @@ def canaries_intact(view: torch.Tensor) -> bool:
     buf = torch.empty(0, dtype=view.dtype, device=view.device).set_(view.untyped_storage())
     inside = torch.zeros(buf.shape, dtype=torch.bool, device=view.device)
     inside.as_strided(view.shape, view.stride(), view.storage_offset()).fill_(True)
-    rest = buf[~inside]
-    return bool(rest.isnan().all()) if view.dtype.is_floating_point else bool((rest == canary_value(view.dtype)).all())
+    bits, canary = as_bits(buf)
+    return bool((bits[~inside] == canary).all())
 
 
 def launcher_wrap(fn, out_specs):
