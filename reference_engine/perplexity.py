@@ -37,7 +37,8 @@ def perplexity(model, tokenizer, text: str | None = None, window: int = 512, max
     n_windows = min(max_windows, len(ids) // window)
     if n_windows == 0:
         raise DojoError(f"the text has {len(ids)} tokens; perplexity needs at least one window of {window}")
-    chunks = torch.tensor(ids[: n_windows * window]).view(n_windows, window)  # (N, window)
+    chunks = torch.tensor(ids[: n_windows * window], device=model.tok_embeddings.weight.device)
+    chunks = chunks.view(n_windows, window)  # (N, window)
     total_nll = 0.0
     for chunk in chunks:
         logits = model(chunk[None])  # (1, window, V)

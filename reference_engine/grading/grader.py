@@ -15,7 +15,7 @@ from . import checks
 from .report import SILENT, Live
 from .sandbox import run_child
 from .source import Cell, read_cells, scan
-from .tasks import CHAPTERS, TASKS, Case, Task, load_chapters
+from .tasks import CHAPTERS, GPU_SPEED_NOTE, TASKS, Case, Task, load_chapters
 
 
 @dataclass
@@ -224,9 +224,7 @@ def grade_path(path: str | Path, task_id: str | list[str] | None = None, timeout
         elif problem:  # fine for the tasks allowed to use it, refused for the others
             notes.append(f"cell {cell.number} runs for task {', '.join(allowed)} only: {problem.split(': ', 1)[1]}")
     if any(t.gpu_speed for t in tasks) and not torch.cuda.is_available():
-        from .chapters.ch07_gpu_acceleration import GPU_SPEED
-
-        notes.append(GPU_SPEED)
+        notes.append(GPU_SPEED_NOTE)
     report = Report(str(path), notes=notes)
     stopped: list[StoppedCell] = []
     live.start_notebook(path, tasks)

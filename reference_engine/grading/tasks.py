@@ -119,6 +119,8 @@ class Task:
         return sum(c.points for c in self.all_checks().values())
 
 
+GPU_SPEED_NOTE = "speed: needs a GPU (timed against PyTorch only there; no points lost or given here)"
+
 TASKS: dict[str, Task] = {}
 CHAPTERS: dict[str, list[Task]] = {}
 

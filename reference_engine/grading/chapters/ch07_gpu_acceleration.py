@@ -176,12 +176,19 @@ def flash_cases(g):
     ]
 
 
-GPU_SPEED = "speed: needs a GPU (timed against PyTorch only there; no points lost or given here)"
 TRITON_HINT = " (the canaries around the tensors catch unmasked loads and stores)"
 
+
+def triton_task(kind: str, **fields) -> Task:
+    """A chapter 7 task: a launcher run in the canary harness, allowed to import triton."""
+    defaults = dict(chapter=CHAPTER, harness_source=harness(kind), common_checks=("output_type", "no_caching"),
+                    allowed_names=ALLOWED, blocked_modules=BLOCKED, seeds=(0, 1), hidden_seeds=(101,),
+                    memory_mb=8192, gpu_speed=True)
+    return Task(**{**defaults, **fields})
+
 register(
-    Task(
-        id="7.1", chapter=CHAPTER, title="row softmax", function="softmax_rows", params=("x", "out"),
+    triton_task(
+        "softmax", id="7.1", title="row softmax", function="softmax_rows", params=("x", "out"),
         reference=softmax64, make_cases=softmax_cases,
         checks={
             "values": Check(3, "one program per row (tl.program_id(0)); load the row at x_ptr + row * "
@@ -191,11 +198,9 @@ register(
                                "masked lanes must read -inf, not 0 (exp(0) = 1 would join the sum)"),
             "large_logits": Check(2, "subtract the row's max before tl.exp: exp(500) overflows float32"),
         },
-        harness_source=harness("softmax"), common_checks=("output_type", "no_caching"), allowed_names=ALLOWED,
-        blocked_modules=BLOCKED, seeds=(0, 1), hidden_seeds=(101,), memory_mb=8192, gpu_speed=True,
     ),
-    Task(
-        id="7.2", chapter=CHAPTER, title="fused RMSNorm", function="rmsnorm_rows", params=("x", "weight", "eps", "out"),
+    triton_task(
+        "rmsnorm", id="7.2", title="fused RMSNorm", function="rmsnorm_rows", params=("x", "weight", "eps", "out"),
         reference=rmsnorm64, make_cases=rmsnorm_cases,
         checks={
             "values": Check(3, "y = x / sqrt(mean(x^2) + eps) * weight per row: the mean divides by the true "
@@ -204,11 +209,9 @@ register(
                                 "overflows float16; convert back to out's dtype only at the store"),
             "eps": Check(2, "eps goes inside the square root, added to the mean of the squares"),
         },
-        harness_source=harness("rmsnorm"), common_checks=("output_type", "no_caching"), allowed_names=ALLOWED,
-        blocked_modules=BLOCKED, seeds=(0, 1), hidden_seeds=(101,), memory_mb=8192, gpu_speed=True,
     ),
-    Task(
-        id="7.3", chapter=CHAPTER, title="tiled matmul", function="matmul_tiled", params=("a", "b", "out"),
+    triton_task(
+        "matmul", id="7.3", title="tiled matmul", function="matmul_tiled", params=("a", "b", "out"),
         reference=matmul64, make_cases=matmul_cases,
         checks={
             "values": Check(3, "program (i, j) owns a BLOCK_M x BLOCK_N tile of out; walk K in steps of "
@@ -219,12 +222,10 @@ register(
             "float32_accumulator": Check(3, "accumulate in float32 (tl.zeros(..., dtype=tl.float32) and tl.dot's "
                                             "default output): a float16 sum of 512 products loses its small terms"),
         },
-        harness_source=harness("matmul"), common_checks=("output_type", "no_caching"), allowed_names=ALLOWED,
-        blocked_modules=BLOCKED, seeds=(0, 1), hidden_seeds=(101,), memory_mb=8192, rtol=1e-5, atol=1e-4,
-        gpu_speed=True,
+        rtol=1e-5, atol=1e-4,
     ),
-    Task(
-        id="7.4", chapter=CHAPTER, title="int4 dequantize-and-multiply", function="int4_matmul",
+    triton_task(
+        "int4", id="7.4", title="int4 dequantize-and-multiply", function="int4_matmul",
         params=("x", "packed", "scale", "zero", "group", "out"), reference=int4_64, make_cases=int4_cases,
         checks={
             "values": Check(3, "out = x @ W^T with W[n, k] = (q - zero[n, k // group]) * scale[n, k // group]; "
@@ -234,12 +235,10 @@ register(
                                "not of your block of K"),
             "rows": Check(2, "mask the rows of x (rows < M) for any M, one row (decoding) included"),
         },
-        harness_source=harness("int4"), common_checks=("output_type", "no_caching"), allowed_names=ALLOWED,
-        blocked_modules=BLOCKED, seeds=(0, 1), hidden_seeds=(101,), memory_mb=8192, rtol=1e-5, atol=1e-4,
-        gpu_speed=True,
+        rtol=1e-5, atol=1e-4,
     ),
-    Task(
-        id="7.5", chapter=CHAPTER, title="FlashAttention forward", function="flash_attention",
+    triton_task(
+        "flash", id="7.5", title="FlashAttention forward", function="flash_attention",
         params=("q", "k", "v", "causal", "out", "lse"), reference=flash64, make_cases=flash_cases,
         checks={
             "values": Check(3, "online softmax over key blocks: m_new = max(m, rowmax(s)); rescale l and acc by "
@@ -252,8 +251,6 @@ register(
             "gqa": Check(2, "query head h reads KV head h // (H // KV): consecutive query heads share one"),
             "lse": Check(2, "lse = m + log(l) per query, in float32, of the scaled scores"),
         },
-        harness_source=harness("flash"), common_checks=("output_type", "no_caching"), allowed_names=ALLOWED,
-        blocked_modules=BLOCKED, seeds=(0, 1), hidden_seeds=(101,), memory_mb=8192, rtol=1e-5, atol=1e-5,
-        output_dtypes=(None, torch.float32), gpu_speed=True,
+        rtol=1e-5, atol=1e-5, output_dtypes=(None, torch.float32),
     ),
 )
