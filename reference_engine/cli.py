@@ -177,8 +177,9 @@ def set_threads(args) -> None:
 def cpu_float32_only(args) -> None:
     """prune and distill work on float32 weights on the CPU: say so instead of ignoring flags."""
     if (args.device, args.dtype, args.kernels) != ("cpu", "float32", "auto"):
-        raise DojoError(f"{args.command} runs on the CPU in float32; --device, --dtype and --kernels are for "
-                        "generate, chat, demo, perplexity, bench and speculate")
+        raise DojoError(f"{args.command} runs on the CPU in float32; --dtype and --kernels are for generate, "
+                        "chat, demo, perplexity, bench and speculate, --device for generate, chat, perplexity and "
+                        "bench --backend")
 
 
 GPU_COMMANDS = ("generate", "chat", "perplexity", "bench")  # bench with --backend
@@ -406,6 +407,8 @@ def bench_backends(args) -> int:
         raise DojoError("--backend onnx exports a float32 model on the CPU: drop --device/--dtype for it")
     if args.new_tokens < 3:
         raise DojoError(f"--new-tokens must be at least 3 (two steps are set-up), got {args.new_tokens}")
+    if args.kernels == "auto":
+        args.kernels = "torch"  # the static step is written in PyTorch's ops; compilers fuse them their way
     model, tokenizer, _ = load(args)
     prompt = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": "Explain what a KV cache is."}]))
     rows = run_backends(model, prompt, names, n_new=args.new_tokens)

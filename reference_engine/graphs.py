@@ -198,14 +198,14 @@ def cuda_graph_step(model, step: StaticStep, max_len: int):
     device = model.tok_embeddings.weight.device
     if device.type != "cuda":
         raise DojoError("the cudagraphs backend records CUDA graphs: it needs the model on a GPU (--device cuda)")
-    cached = None
+    cached = compiled = None
 
     def run(tokens, start, k, v):
-        nonlocal cached
+        nonlocal cached, compiled
         if cached is None or cached.k_cache.shape[1] != tokens.shape[0]:
             cached = CachedStep(step, *empty_caches(model, tokens.shape[0], max_len))
-            cached.compiled = torch.compile(cached, mode="reduce-overhead", fullgraph=True)
-        fn = cached.compiled if tokens.shape[1] == 1 else cached  # the prompt runs eagerly
+            compiled = torch.compile(cached, mode="reduce-overhead", fullgraph=True)
+        fn = compiled if tokens.shape[1] == 1 else cached  # the prompt runs eagerly
         logits = fn(tokens, as_index(start, device))
         return logits.clone(), k, v  # clone: the graph's output buffer is reused by the next replay
 

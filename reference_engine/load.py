@@ -53,9 +53,11 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype | str =
     if kernels not in KERNELS:
         raise DojoError(f"unknown kernels {kernels!r}; choose one of {', '.join(KERNELS)}")
     if kernels == "triton":
-        from .kernels import load_triton
+        from .kernels import interpreted
 
-        load_triton()  # missing triton is said now, before the slow part
+        if interpreted() and dtype == torch.bfloat16:  # interpreted() imports triton: missing, said now
+            raise DojoError("Triton's interpreter computes bfloat16 tl.dot wrongly (it multiplies the raw bits): "
+                            "--kernels triton on a CPU needs --dtype float32 or float16")
     if quantize is not None and device.type != "cpu":
         raise DojoError(f"quantized formats run on the CPU (chapter 4's kernels); --quantize with --device "
                         f"{device} is not supported: drop --quantize (use --dtype bfloat16) or run on the CPU")
@@ -109,7 +111,7 @@ def check_device(device: str | torch.device, dtype: torch.dtype | str) -> tuple[
                             f"{build}); run on the CPU (--device cpu) or on a machine with an NVIDIA GPU")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise DojoError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
-        if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        if dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) < (8, 0):
             raise DojoError(f"{torch.cuda.get_device_name(device)} cannot compute in bfloat16 (it needs compute "
                             "capability 8.0 or later); use --dtype float16 or float32")
     elif device.type != "cpu":

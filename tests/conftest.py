@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -5,6 +6,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # tiny_gguf helpers
+# On a GPU, float32 tl.dot would use TF32 (10 mantissa bits): the kernel tests compare with
+# float64 at float32 tolerances, as the interpreter computes on a CPU.
+os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
 
 from tiny_gguf import random_model, tiny_llama  # noqa: E402
 

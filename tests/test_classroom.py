@@ -12,13 +12,17 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from reference_engine.grading.release import make_exercises, nbgrader, release, write_course_config
 
 ROOT = Path(__file__).resolve().parents[1]
-ASSIGNMENT = "01_attention"
+# Chapter 7 is the class's assignment here: the quickest to grade of the chapters whose checks
+# run the learner's code in a harness (Triton kernels in the interpreter, no model to load).
+ASSIGNMENT = "07_gpu_acceleration"
+FULL = 51  # the chapter's points: 9 + 9 + 10 + 9 + 14
 CHEAT = ("import reference_engine.grading.notebook as _nb\n_nb.check = lambda *args, **kwargs: None\n\n"
-         "def stable_softmax(x, dim=-1):\n    return x\n")
+         "def softmax_rows(x, out):\n    return out\n")
 
 
 def solution_code(grade_id: str) -> str:
@@ -54,13 +58,15 @@ def course(tmp_path_factory):
     for student in ("ada", "stub", "mutant", "cheater"):
         assert nbgrader(course, "db", "student", "add", student).returncode == 0
     released = release(ROOT / "solutions", course, ASSIGNMENT)
-    solutions = {f"task_1_{i}": solution_code(f"task_1_{i}") for i in range(1, 6)}
-    nan_rows = (ROOT / "tests" / "mutants" / "ch01_attention" / "sdpa_nan_for_empty_rows.py").read_text()
+    solutions = {f"task_7_{i}": solution_code(f"task_7_{i}") for i in range(1, 6)}
+    mean_over_block = next(m for m in yaml.safe_load((ROOT / "tests" / "mutants" / f"ch{ASSIGNMENT}.yaml").read_text())
+                           if m["name"] == "rmsnorm_mean_over_the_block")["replace"][0]
     submit(course, "ada", released, solutions)
     submit(course, "stub", released, {})
-    submit(course, "mutant", released, {**solutions, "task_1_2": nan_rows})
-    unfinished = {k: v for k, v in solutions.items() if k != "task_1_5"}  # 1.5 left as the released stub
-    submit(course, "cheater", released, {**unfinished, "task_1_1": CHEAT})
+    submit(course, "mutant", released, {**solutions, "task_7_2": solutions["task_7_2"].replace(
+        mean_over_block["from"], mean_over_block["to"])})
+    unfinished = {k: v for k, v in solutions.items() if k != "task_7_5"}  # 7.5 left as the released stub
+    submit(course, "cheater", released, {**unfinished, "task_7_1": CHEAT})
     result = nbgrader(course, "autograde", ASSIGNMENT, "--force")
     assert result.returncode == 0, result.stdout + result.stderr
     return course
@@ -68,10 +74,10 @@ def course(tmp_path_factory):
 
 def test_nbgrader_autograde_scores_the_in_kernel_checks(course):
     grades = read_grades(course)
-    assert grades["ada"] == 55
+    assert grades["ada"] == FULL
     assert grades["stub"] == 0
-    assert grades["mutant"] == 43  # task 1.2's test cell fails: NaN for rows with no visible key
-    assert grades["cheater"] == 55  # the in-kernel checks are fooled: why grade-class exists
+    assert grades["mutant"] == FULL - 9  # task 7.2's test cell fails: the mean is taken over the block
+    assert grades["cheater"] == FULL  # the in-kernel checks are fooled: why grade-class exists
 
 
 def test_grade_class_writes_trusted_scores_into_the_gradebook(course):
@@ -80,11 +86,11 @@ def test_grade_class_writes_trusted_scores_into_the_gradebook(course):
                             capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     rows = {row["student"]: row for row in json.loads(result.stdout)}
-    assert rows["ada"]["score"] == 55 and rows["stub"]["score"] == 0
-    assert rows["mutant"]["scores"]["1.2"] < 12
-    assert rows["cheater"]["scores"] == {"1.1": 0.0, "1.2": 12.0, "1.3": 10.0, "1.4": 14.0, "1.5": 0.0}
+    assert rows["ada"]["score"] == FULL and rows["stub"]["score"] == 0
+    assert rows["mutant"]["scores"]["7.2"] < 9
+    assert rows["cheater"]["scores"] == {"7.1": 0.0, "7.2": 9.0, "7.3": 10.0, "7.4": 9.0, "7.5": 0.0}
     grades = read_grades(course)  # nbgrader's own export now shows the trusted scores
-    assert grades["cheater"] == 36 and grades["ada"] == 55 and grades["stub"] == 0
+    assert grades["cheater"] == 28 and grades["ada"] == FULL and grades["stub"] == 0
 
 
 def test_committed_exercises_are_generated_from_the_solutions(tmp_path):
@@ -102,7 +108,7 @@ ENDLESS = "\nwhile True:  # at the top level: every task's child runs this cell\
 
 @pytest.mark.serial  # asserts a time
 def test_grade_class_spends_one_time_limit_on_an_endless_shared_cell(tmp_path):
-    """A submission whose task-1.1 cell never ends: every task runs that cell, so the trusted
+    """A submission whose task-7.1 cell never ends: every task runs that cell, so the trusted
     re-grade stops them all after one time limit (nbgrader's own autograde interrupts the
     kernel, and reports an error for the student when the code swallows the interrupt)."""
     import time
@@ -112,7 +118,7 @@ def test_grade_class_spends_one_time_limit_on_an_endless_shared_cell(tmp_path):
     write_course_config(course)
     assert nbgrader(course, "db", "student", "add", "looper").returncode == 0
     released = release(ROOT / "solutions", course, ASSIGNMENT)
-    submit(course, "looper", released, {"task_1_1": solution_code("task_1_1") + ENDLESS})
+    submit(course, "looper", released, {"task_7_1": solution_code("task_7_1") + ENDLESS})
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     started = time.perf_counter()
     result = subprocess.run([sys.executable, "-m", "reference_engine", "grade-class", str(course), ASSIGNMENT,
@@ -121,5 +127,5 @@ def test_grade_class_spends_one_time_limit_on_an_endless_shared_cell(tmp_path):
     elapsed = time.perf_counter() - started
     assert result.returncode == 0, result.stderr
     assert elapsed < 2 * 15 + 20, f"{elapsed:.0f} s for a 15 s limit"
-    assert "[1/1] looper" in result.stderr and "task 1.5" in result.stderr, result.stderr
-    assert "looper" in result.stdout and " 0/55" in result.stdout, result.stdout
+    assert "[1/1] looper" in result.stderr and "task 7.5" in result.stderr, result.stderr
+    assert "looper" in result.stdout and f" 0/{FULL}" in result.stdout, result.stdout

@@ -17,6 +17,7 @@ from reference_engine.config import ModelConfig
 from reference_engine.errors import DojoError
 from reference_engine.generate import generate
 from reference_engine.load import check_device
+from reference_engine.kernels import layers
 from reference_engine.model import Transformer
 from tiny_gguf import tiny_llama
 
@@ -89,21 +90,29 @@ def test_graph_backends_refuse_models_they_cannot_express(tiny):
         graphs.backend_names("eager,tensorrt")
 
 
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="what a machine without a GPU says")
+
+
 def test_triton_kernels_in_the_model_give_the_same_logits_and_tokens():
     model = tiny_llama(seed=5).requires_grad_(False)
     ids = torch.randint(0, model.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(0))
-    prompts = [[1, 2, 3, 4, 5], [6, 7, 8]]  # left-padded: the masked steps fall back to PyTorch
+    padded = [[1, 2, 3, 4, 5], [6, 7, 8]]  # left-padded: the masked steps fall back to PyTorch
+    unpadded = [[9, 2, 6, 5, 3, 5]]  # the prompt causal in the kernel, then one query per step, no mask
     with torch.no_grad():
         ref_logits = model(ids)
-    ref_tokens = generate(model, prompts, max_new_tokens=5, stop_ids=()).tokens
+    ref_tokens = [generate(model, p, max_new_tokens=6, stop_ids=()).tokens for p in (padded, unpadded)]
+    calls = []
     model.set_kernels("triton")
+    model.layers[0].attn.attend = lambda *a: calls.append(a[3] is None) or layers.attention(*a)  # unmasked: the kernel
     with torch.no_grad():
         assert (model(ids) - ref_logits).abs().max() < 1e-4
-    assert generate(model, prompts, max_new_tokens=5, stop_ids=()).tokens == ref_tokens
+    assert [generate(model, p, max_new_tokens=6, stop_ids=()).tokens for p in (padded, unpadded)] == ref_tokens
+    assert calls.count(True) >= 6, "the prompt and decode steps without a mask must go through the flash kernel"
     model.set_kernels("torch")
     assert model.layers[0].attn_norm.fused is None
 
 
+@NO_GPU
 def test_device_and_dtype_errors_name_the_fix():
     with pytest.raises(DojoError, match="no CUDA GPU is visible"):
         check_device("cuda", "float32")
@@ -115,13 +124,16 @@ def test_device_and_dtype_errors_name_the_fix():
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["generate", "hi", "--device", "cuda"], "no CUDA GPU is visible"),
+    pytest.param(["generate", "hi", "--device", "cuda"], "no CUDA GPU is visible", marks=NO_GPU),
     (["generate", "hi", "--dtype", "float8"], "unknown dtype"),
+    pytest.param(["generate", "hi", "--kernels", "triton", "--dtype", "bfloat16"], "computes bfloat16 tl.dot wrongly",
+                 marks=NO_GPU),
     (["bench", "--backend", "tensorrt"], "--backend takes"),
     (["prune", "out.gguf", "--device", "cuda"], "runs on the CPU in float32"),
+    (["demo", "--device", "cuda"], "works with generate, chat, perplexity and bench --backend"),
     (["bench", "--backend", "cudagraphs"], "needs --device cuda"),
     (["bench", "--backend", "onnx", "--dtype", "bfloat16"], "float32 model on the CPU"),
-    (["gpu-figures"], "has none visible to PyTorch"),
+    pytest.param(["gpu-figures"], "has none visible to PyTorch", marks=NO_GPU),
 ])
 def test_cli_refuses_bad_devices_dtypes_and_backends_in_one_line(argv, message, capsys):
     assert main(argv) == 2

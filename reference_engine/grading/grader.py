@@ -223,7 +223,7 @@ def grade_path(path: str | Path, task_id: str | list[str] | None = None, timeout
             notes.append(f"not run: {problem}")
         elif problem:  # fine for the tasks allowed to use it, refused for the others
             notes.append(f"cell {cell.number} runs for task {', '.join(allowed)} only: {problem.split(': ', 1)[1]}")
-    if any(t.gpu_speed for t in tasks) and not torch.cuda.is_available():
+    if any(t.gpu_speed for t in tasks):
         notes.append(GPU_SPEED_NOTE)
     report = Report(str(path), notes=notes)
     stopped: list[StoppedCell] = []

@@ -74,8 +74,8 @@ def scan(cell: Cell, blocked_modules: tuple[str, ...] = (), allowed: tuple[str, 
 
     allowed: dotted names a task may use although they sit under a blocked part of torch,
     for example "torch.nn.utils.clip_grad_norm_" or "torch.autograd.grad" for a training
-    step; only those names, not the rest of torch.nn.utils or torch.autograd. A plain
-    module name ("triton") allows importing that module and its submodules."""
+    step; only those names, not the rest of torch.nn.utils or torch.autograd. A module
+    name ("triton", "triton.language") allows `import` of exactly that module."""
     try:
         tree = ast.parse(cell.source)
     except SyntaxError as e:
@@ -118,7 +118,8 @@ def _node_problem(node: ast.AST, blocked_modules: tuple[str, ...]) -> str | None
     elif isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Delete)):
         targets = node.targets if isinstance(node, (ast.Assign, ast.Delete)) else [node.target]
         for target in targets:
-            if isinstance(target, ast.Attribute) and _rooted_at(target.value, {"torch", "F", "math", "time", "np", "numpy"}):
+            if isinstance(target, ast.Attribute) and _rooted_at(target.value, {"torch", "F", "math", "time", "np", "numpy",
+                                                                              "triton", "tl"}):
                 return "assigns to an attribute of a library module (monkeypatching), which graded code may not do"
     return None
 
@@ -146,10 +147,8 @@ def _allowed_nodes(tree: ast.AST, allowed: tuple[str, ...]) -> set[int]:
                 inner = inner.value
         elif isinstance(node, ast.ImportFrom) and all(f"{node.module}.{a.name}" in allowed for a in node.names):
             exempt.add(id(node))
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in allowed:
-            exempt.add(id(node))  # from an allowed module (triton.language import ...)
-        elif isinstance(node, ast.Import) and all(a.name.split(".")[0] in allowed for a in node.names):
-            exempt.add(id(node))  # an allowed module itself (import triton)
+        elif isinstance(node, ast.Import) and all(a.name in allowed for a in node.names):
+            exempt.add(id(node))  # exactly an allowed module (import triton, import triton.language as tl)
     return exempt
 
 

@@ -85,8 +85,8 @@ class Task:
     # names under a blocked part of torch this task's code may use (`source.scan`), e.g. a
     # training step's "torch.nn.utils.clip_grad_norm_"; every other task still refuses them
     allowed_names: tuple[str, ...] = ()
-    # a kernel whose speed only means something on a GPU: graded there, and on a CPU the
-    # report says "speed: needs a GPU" (no points lost or given)
+    # a kernel whose speed only means something on a GPU: not timed, and the report says so
+    # (no points lost or given)
     gpu_speed: bool = False
 
     # Checks every task has, besides its own value checks.
@@ -119,7 +119,7 @@ class Task:
         return sum(c.points for c in self.all_checks().values())
 
 
-GPU_SPEED_NOTE = "speed: needs a GPU (timed against PyTorch only there; no points lost or given here)"
+GPU_SPEED_NOTE = "speed: not graded (it means something only on a GPU); no points lost or given"
 
 TASKS: dict[str, Task] = {}
 CHAPTERS: dict[str, list[Task]] = {}

@@ -3,8 +3,8 @@
 softmax(x)_i = exp(x_i - max x) / sum_j exp(x_j - max x). A block's width must be a power
 of two, so a row of n_cols values is loaded into the next power of two with the extra
 lanes masked: they read -inf (exp(-inf) = 0, so they add nothing to the sum) and are
-never stored. One read of x and one write of y: a fused kernel moves 2 * n bytes where
-PyTorch's unfused max, subtract, exp, sum, divide move about 8 * n.
+never stored. One read of x and one write of y: a fused kernel moves 2 * n elements where
+PyTorch's unfused max, subtract, exp, sum, divide move about 8 * n elements.
 """
 
 from __future__ import annotations
@@ -30,10 +30,11 @@ def softmax_kernel(x_ptr, y_ptr, n_cols, x_row_stride, y_row_stride, BLOCK: tl.c
 
 
 def softmax(x: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last axis of a 2-D tensor whose rows may be strided (columns contiguous)."""
+    """Softmax over the last axis (any leading shape; 2-D rows may be strided)."""
+    shape = x.shape
     if x.dim() != 2 or x.stride(1) != 1:
-        x = x.reshape(-1, x.shape[-1]).contiguous()
+        x = x.reshape(-1, shape[-1]).contiguous()
     rows, n_cols = x.shape
-    y = torch.empty_like(x)
+    y = torch.empty((rows, n_cols), dtype=x.dtype, device=x.device)
     softmax_kernel[(rows,)](x, y, n_cols, x.stride(0), y.stride(0), BLOCK=triton.next_power_of_2(n_cols))
-    return y
+    return y.view(shape)

@@ -6,8 +6,9 @@ Graded on the CPU by Triton's interpreter (the same indexing, masks and arithmet
 a GPU). The harness (`ch07_harness.py`) lays NaN canaries around every input and output
 and makes every row strided, so unmasked loads and stores and wrong strides show; it
 refuses launchers that compute with PyTorch or launch no kernel. Shapes are never
-multiples of a block. References are float64. Speed is graded only on a GPU: without
-one the report says so and no points are lost or given.
+multiples of a block. References are float64. Speed is not graded (it means something
+only on a GPU; timing against PyTorch there is not built yet): the report says so, and
+no points are lost or given.
 """
 
 from __future__ import annotations
@@ -20,17 +21,18 @@ from ...compression.formats import pack_int4, quantize, unpack_int4
 from ..tasks import Case, Check, Task, register
 
 CHAPTER = "ch07_gpu_acceleration"
-ALLOWED = ("triton", "os.environ")  # the notebook's set-up cell: interpreter mode where there is no GPU
+# the notebook's set-up cell: `import triton`, `import triton.language as tl`, and
+# interpreter mode where there is no GPU (`from os import environ`); nothing else of triton
+ALLOWED = ("triton", "triton.language", "os.environ")
 BLOCKED = ("reference_engine", "solutions", "tests")
 
 
-def harness(kind: str) -> str:
-    return f"""
-        from reference_engine.grading.chapters.ch07_harness import wrap_task
+HARNESS = """
+    from reference_engine.grading.chapters.ch07_harness import wrap_task
 
-        def wrap(fn):
-            return wrap_task(fn, "{kind}")
-    """
+    def wrap(fn):
+        return wrap_task(fn)
+"""
 
 
 def within_ulps(reference, ulps: float, output: int | None = None):
@@ -179,16 +181,16 @@ def flash_cases(g):
 TRITON_HINT = " (the canaries around the tensors catch unmasked loads and stores)"
 
 
-def triton_task(kind: str, **fields) -> Task:
+def triton_task(**fields) -> Task:
     """A chapter 7 task: a launcher run in the canary harness, allowed to import triton."""
-    defaults = dict(chapter=CHAPTER, harness_source=harness(kind), common_checks=("output_type", "no_caching"),
+    defaults = dict(chapter=CHAPTER, harness_source=HARNESS, common_checks=("output_type", "no_caching"),
                     allowed_names=ALLOWED, blocked_modules=BLOCKED, seeds=(0, 1), hidden_seeds=(101,),
                     memory_mb=8192, gpu_speed=True)
     return Task(**{**defaults, **fields})
 
 register(
     triton_task(
-        "softmax", id="7.1", title="row softmax", function="softmax_rows", params=("x", "out"),
+        id="7.1", title="row softmax", function="softmax_rows", params=("x", "out"),
         reference=softmax64, make_cases=softmax_cases,
         checks={
             "values": Check(3, "one program per row (tl.program_id(0)); load the row at x_ptr + row * "
@@ -200,7 +202,7 @@ register(
         },
     ),
     triton_task(
-        "rmsnorm", id="7.2", title="fused RMSNorm", function="rmsnorm_rows", params=("x", "weight", "eps", "out"),
+        id="7.2", title="fused RMSNorm", function="rmsnorm_rows", params=("x", "weight", "eps", "out"),
         reference=rmsnorm64, make_cases=rmsnorm_cases,
         checks={
             "values": Check(3, "y = x / sqrt(mean(x^2) + eps) * weight per row: the mean divides by the true "
@@ -211,7 +213,7 @@ register(
         },
     ),
     triton_task(
-        "matmul", id="7.3", title="tiled matmul", function="matmul_tiled", params=("a", "b", "out"),
+        id="7.3", title="tiled matmul", function="matmul_tiled", params=("a", "b", "out"),
         reference=matmul64, make_cases=matmul_cases,
         checks={
             "values": Check(3, "program (i, j) owns a BLOCK_M x BLOCK_N tile of out; walk K in steps of "
@@ -225,7 +227,7 @@ register(
         rtol=1e-5, atol=1e-4,
     ),
     triton_task(
-        "int4", id="7.4", title="int4 dequantize-and-multiply", function="int4_matmul",
+        id="7.4", title="int4 dequantize-and-multiply", function="int4_matmul",
         params=("x", "packed", "scale", "zero", "group", "out"), reference=int4_64, make_cases=int4_cases,
         checks={
             "values": Check(3, "out = x @ W^T with W[n, k] = (q - zero[n, k // group]) * scale[n, k // group]; "
@@ -238,7 +240,7 @@ register(
         rtol=1e-5, atol=1e-4,
     ),
     triton_task(
-        "flash", id="7.5", title="FlashAttention forward", function="flash_attention",
+        id="7.5", title="FlashAttention forward", function="flash_attention",
         params=("q", "k", "v", "causal", "out", "lse"), reference=flash64, make_cases=flash_cases,
         checks={
             "values": Check(3, "online softmax over key blocks: m_new = max(m, rowmax(s)); rescale l and acc by "

@@ -11,8 +11,10 @@ an access that ignores its mask touches a canary. After the call:
   - the launcher must have launched a Triton kernel, and must not have computed anything
     with PyTorch itself: every torch function it calls (outside the kernel launches) is
     recorded, and anything beyond reading shapes and strides or allocating is refused;
-  - the kernels it launched may not use torch or numpy inside (on a GPU they would not
-    compile; in the interpreter they would quietly run on the CPU).
+  - the kernels it launched may use only triton inside: a global name that is a module
+    other than triton, a tensor or a plain Python function is refused, and so is a tensor
+    passed as a tl.constexpr (on a GPU none of these would compile; in the interpreter
+    they would quietly run on the CPU). A callable grid is the launcher's code: recorded.
 On a GPU the tensors are moved there first and the results brought back.
 """
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 import ast
 import inspect
 import math
+import os
 import textwrap
 
 import torch
@@ -28,6 +31,9 @@ from torch.overrides import TorchFunctionMode
 
 from ...kernels import load_triton
 
+# float32 tl.dot uses TF32 on a GPU unless told otherwise (10 bits of mantissa): the checks
+# compare with float64 at float32 tolerances, as the interpreter computes
+os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
 triton = load_triton()
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
@@ -36,10 +42,12 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # canary elements after every row (and 16 rows' worth before and after the tensor); inputs
 # and outputs differ, so a launcher passing an input's stride for an output is caught
 PAD_IN, PAD_OUT = 3, 5
-# torch functions a launcher may call: reading shapes and strides, allocating scratch space
+# torch functions a launcher may call: reading shapes and strides, views and copies (which
+# compute nothing), allocating scratch space
 ALLOWED = {"__get__", "size", "stride", "dim", "numel", "element_size", "is_contiguous", "storage_offset",
-           "data_ptr", "empty", "empty_like", "zeros", "zeros_like", "__len__", "__index__", "__int__",
-           "__hash__", "__format__", "__repr__", "cdiv"}
+           "data_ptr", "empty", "empty_like", "zeros", "zeros_like", "new_empty", "new_zeros", "empty_strided",
+           "contiguous", "view", "reshape", "flatten", "transpose", "permute", "unsqueeze", "squeeze",
+           "__len__", "__index__", "__int__", "__hash__", "__format__", "__repr__"}
 
 
 class LauncherRule(Exception):
@@ -50,7 +58,6 @@ class _State:
     recording = False
     launches = 0
     torch_calls: list[str] = []
-    kernel_problems: list[str] = []
 
 
 class _Recorder(TorchFunctionMode):
@@ -63,22 +70,60 @@ class _Recorder(TorchFunctionMode):
 
 
 def _kernel_problem(fn) -> str | None:
-    """'uses torch' when a kernel body names torch or numpy, else None."""
+    """What a kernel reaches outside triton, or None. Every global name the kernel's body
+    uses must be triton itself, a @triton.jit function, a number or a builtin: a module like
+    torch or numpy, a tensor, or a plain Python function (which could call them) is refused."""
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
     except (OSError, TypeError, SyntaxError):
-        return None
-    used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
-    bad = sorted(used & {"torch", "np", "numpy", "F"})
-    return f"the kernel {fn.__name__} uses {', '.join(bad)}" if bad else None
+        return f"the source of the kernel {getattr(fn, '__name__', '?')} cannot be read"
+    names = [n for n in ast.walk(tree) if isinstance(n, ast.Name)]
+    local = set(inspect.signature(fn).parameters) | {n.id for n in names if isinstance(n.ctx, ast.Store)}
+    for name in sorted({n.id for n in names} - local):  # globals: a name assigned in the kernel is local
+        if name not in fn.__globals__:
+            continue  # a local variable or a builtin (range, float, min)
+        value = fn.__globals__[name]
+        module = getattr(value, "__module__", None) or getattr(value, "__name__", "")
+        if isinstance(value, (JITFunction, InterpretedFunction, int, float, bool, str)) or value is None:
+            continue
+        if inspect.ismodule(value) and value.__name__.split(".")[0] == "triton":
+            continue
+        if str(module).split(".")[0] == "triton":  # triton's own objects (tl.constexpr, ...)
+            continue
+        return f"the kernel {fn.__name__} uses {name} ({type(value).__name__})"
+    return None
+
+
+def _tensor_constexprs(fn, args, kwargs) -> str | None:
+    """In the interpreter a tl.constexpr argument arrives as the host object itself: a
+    tensor passed there could be computed on with torch. Pointers are plain arguments."""
+    names = list(inspect.signature(fn).parameters.values())
+    given = dict(zip([p.name for p in names], args)) | kwargs
+    for p in names:
+        if "constexpr" in str(p.annotation) and isinstance(given.get(p.name), torch.Tensor):
+            return f"a tensor is passed to {fn.__name__} as the tl.constexpr {p.name}: pass tensors as pointers"
+    return None
+
+
+def _recorded(grid):
+    """A callable grid runs the launcher's own code: it is recorded like the launcher."""
+    def run_grid(meta):
+        was, _State.recording = _State.recording, True
+        try:
+            return grid(meta)
+        finally:
+            _State.recording = was
+    return run_grid
 
 
 def _patched(run):
     def launch(self, *args, **kwargs):
         _State.launches += 1
-        problem = _kernel_problem(self.fn)
-        if problem:
-            _State.kernel_problems.append(problem)
+        for problem in (_kernel_problem(self.fn), _tensor_constexprs(self.fn, args, kwargs)):
+            if problem:  # refused before it runs: such a kernel could do anything in the interpreter
+                raise LauncherRule(f"{problem}: inside @triton.jit only triton.language (tl) works on a GPU")
+        if callable(kwargs.get("grid")):
+            kwargs["grid"] = _recorded(kwargs["grid"])
         was, _State.recording = _State.recording, False  # the launch itself is Triton's business
         try:
             return run(self, *args, **kwargs)
@@ -142,7 +187,7 @@ def launcher_wrap(fn, out_specs):
     def call(*inputs):
         args = [in_canaries(a) if isinstance(a, torch.Tensor) else a for a in inputs]
         outs = [in_canaries(torch.empty(shape, dtype=dtype), PAD_OUT, fill=True) for shape, dtype in out_specs(*inputs)]
-        _State.launches, _State.torch_calls, _State.kernel_problems = 0, [], []
+        _State.launches, _State.torch_calls = 0, []
         with _Recorder():
             _State.recording = True
             try:
@@ -153,9 +198,6 @@ def launcher_wrap(fn, out_specs):
             names = ", ".join(sorted(set(_State.torch_calls)))
             raise LauncherRule(f"the launcher computed with PyTorch ({names}): the work belongs in the Triton "
                                "kernel; a launcher only reads shapes and strides and launches kernel[grid](...)")
-        if _State.kernel_problems:
-            raise LauncherRule(f"{_State.kernel_problems[0]}: inside @triton.jit only triton.language (tl) "
-                               "works on a GPU")
         if not _State.launches:
             raise LauncherRule("no Triton kernel was launched: call your @triton.jit kernel as kernel[grid](...)")
         for i, out in enumerate(outs):
@@ -167,15 +209,22 @@ def launcher_wrap(fn, out_specs):
     return call
 
 
-# What each task's launcher writes, from its inputs.
+# What each task's launcher writes, from its inputs, by the launcher's parameters (the
+# task's signature). One harness for every task: a notebook cell that never ends then costs
+# one time limit for the whole chapter, not one per task (grader.StoppedCell).
 OUT_SPECS = {
-    "softmax": lambda x: [(x.shape, x.dtype)],
-    "rmsnorm": lambda x, w, eps: [(x.shape, x.dtype)],
-    "matmul": lambda a, b: [((a.shape[0], b.shape[1]), a.dtype)],
-    "int4": lambda x, packed, scale, zero, group: [((x.shape[0], packed.shape[0]), x.dtype)],
-    "flash": lambda q, k, v, causal: [(q.shape, q.dtype), (q.shape[:3], torch.float32)],
+    ("x", "out"): lambda x: [(x.shape, x.dtype)],
+    ("x", "weight", "eps", "out"): lambda x, w, eps: [(x.shape, x.dtype)],
+    ("a", "b", "out"): lambda a, b: [((a.shape[0], b.shape[1]), a.dtype)],
+    ("x", "packed", "scale", "zero", "group", "out"):
+        lambda x, packed, scale, zero, group: [((x.shape[0], packed.shape[0]), x.dtype)],
+    ("q", "k", "v", "causal", "out", "lse"): lambda q, k, v, causal: [(q.shape, q.dtype), (q.shape[:3], torch.float32)],
 }
 
 
-def wrap_task(fn, kind: str):
-    return launcher_wrap(fn, OUT_SPECS[kind])
+def wrap_task(fn):
+    params = tuple(inspect.signature(fn).parameters)
+    keys = [key for key in OUT_SPECS if params[: len(key)] == key]  # extra parameters with defaults are fine
+    if not keys:
+        return fn  # a signature no task has: the grader reports the parameters it expected
+    return launcher_wrap(fn, OUT_SPECS[max(keys, key=len)])
