@@ -5,7 +5,7 @@ from dataclasses import replace
 import torch
 
 from reference_engine import fused_decode
-from reference_engine.cli import stop_ids
+from reference_engine.commands.common import stop_ids
 from reference_engine.generate import generate
 from reference_engine.perplexity import perplexity
 

@@ -1,0 +1,8 @@
+"""The command line's commands, one module per family (`cli.py` assembles them):
+
+    run.py        generate, chat, demo, speculate
+    measure.py    perplexity, bench, gpu-figures, build-kernels
+    compress.py   prune, distill
+    classroom.py  grade, progress, grade-class, make-exercises
+    common.py     the model options, loading, the chat helpers
+"""
