@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..attention import ATTENTION_IMPLS
+from ..model import rms_norm
 from ..positional import apply_rope
 from . import interpreted
 from .flash_attention import flash_attention
@@ -26,8 +27,7 @@ def runs_here(x: torch.Tensor) -> bool:
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if not runs_here(x):
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight).to(x.dtype)
+        return rms_norm(x, weight, eps)
     return triton_rmsnorm(x, weight, eps)
 
 
