@@ -6,13 +6,21 @@ import argparse
 import sys
 import time
 
-from .common import check_prompt, load, stop_ids, stream_reply, with_model, with_quantize, with_sampling
+from ..errors import DojoError
+from ..parallel import SCHEMES
+from .common import check_prompt, load, set_threads, stop_ids, stream_reply, with_model, with_quantize, with_sampling
 
 
 def add_commands(sub) -> None:
     g = with_quantize(with_sampling(with_model(sub.add_parser("generate", help="continue a prompt, streaming the text"))))
-    g.add_argument("prompt", help="the prompt text")
+    g.add_argument("prompt", nargs="+", help="the prompt text; several quoted prompts are generated as one batch")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--parallel", choices=sorted(SCHEMES), help="run on the ranks torchrun started: "
+                   + "; ".join(f"{k}: {v}" for k, v in SCHEMES.items()) + " (greedy, float32, CPU)")
+    g.add_argument("--micro-batches", type=int, default=1, metavar="M",
+                   help="--parallel pp: micro-batches in the pipe (at most the number of prompts)")
+    g.add_argument("--dist-timeout", type=float, default=60.0, metavar="S",
+                   help="--parallel: seconds a rank waits for the others (joining, or in a collective)")
     with_quantize(with_sampling(with_model(sub.add_parser("chat", help="interactive chat (empty line or Ctrl-D ends)"))))
     d = with_model(sub.add_parser("demo", help="load the model, answer a chat prompt, print measurements"))
     d.add_argument("--prompt", default="What is the capital of France? Answer in one sentence, then "
@@ -28,19 +36,61 @@ def add_commands(sub) -> None:
 
 
 def cmd_generate(args) -> int:
-    from ..generate import check_sampling_args
+    from ..generate import check_sampling_args, generate
 
-    check_prompt(args.prompt)
+    for prompt in args.prompt:
+        check_prompt(prompt)
     check_sampling_args(args.temperature, args.top_k, args.top_p, args.repetition_penalty)  # before the slow load
+    if args.parallel or args.micro_batches != 1:
+        return generate_parallel(args)
     model, tokenizer, _ = load(args)
-    text = args.prompt
-    if args.chat:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": text}])
-    g = stream_reply(model, tokenizer, tokenizer.encode(text), args)
-    n = len(g.tokens[0])
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}]) if args.chat else t for t in args.prompt]
+    if len(texts) == 1:
+        g = stream_reply(model, tokenizer, tokenizer.encode(texts[0]), args)
+    else:
+        g = generate(model, [tokenizer.encode(t) for t in texts], max_new_tokens=args.max_new_tokens,
+                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                     stop_ids=stop_ids(tokenizer), seed=args.seed, repetition_penalty=args.repetition_penalty)
+        for i, tokens in enumerate(g.tokens):
+            print(f"[{i}] {tokenizer.decode(tokens)}")
+    n = sum(len(t) for t in g.tokens)
     rate = g.decode_steps / g.decode_s if g.decode_s > 0 else float("nan")
-    print(f"[{n} tokens, {g.finish_reasons[0]}; first token after {g.prefill_s * 1e3:.0f} ms, "
-          f"then {rate:.1f} tokens/s]", file=sys.stderr)
+    print(f"[{n} tokens, {', '.join(sorted(set(g.finish_reasons)))}; first token after {g.prefill_s * 1e3:.0f} ms, "
+          f"then {rate:.1f} steps/s]", file=sys.stderr)
+    return 0
+
+
+def generate_parallel(args) -> int:
+    """generate --parallel on one rank of a torchrun job; rank 0 prints."""
+    from ..load import load_tokenizer
+    from ..parallel.launch import init_from_env
+    from ..parallel.run import format_comm, generate_on_rank
+
+    if not args.parallel:
+        raise DojoError("--micro-batches is for --parallel pp")
+    if (args.temperature, args.top_k, args.top_p, args.repetition_penalty) != (0.0, 0, 1.0, 1.0):
+        raise DojoError("--parallel generates greedily: drop --temperature, --top-k, --top-p and "
+                        "--repetition-penalty")
+    if (args.device, args.dtype, args.kernels, args.quantize) != ("cpu", "float32", "auto", None):
+        raise DojoError("--parallel runs the float32 model on CPU ranks (gloo): drop --device, --dtype, --kernels "
+                        "and --quantize")
+    if args.dist_timeout <= 0:
+        raise DojoError(f"--dist-timeout must be > 0 seconds, got {args.dist_timeout}")
+    set_threads(args)
+    rank, world = init_from_env(args.dist_timeout)
+    tokenizer = load_tokenizer(args.model)
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}]) if args.chat else t for t in args.prompt]
+    result = generate_on_rank(args.parallel, [tokenizer.encode(t) for t in texts], args.max_new_tokens, args.model,
+                              args.micro_batches, stop_ids(tokenizer))
+    if rank == 0:
+        for i, tokens in enumerate(result["tokens"]):
+            print(tokenizer.decode(tokens) if len(texts) == 1 else f"[{i}] {tokenizer.decode(tokens)}")
+        n = sum(len(t) for t in result["tokens"])
+        print(f"[{args.parallel} on {world} ranks: {n} tokens in {result['seconds']:.2f} s, {result['steps']} steps; "
+              f"collectives per decoding step on rank 0:\n{format_comm(result['comm_per_token'])}]", file=sys.stderr)
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
     return 0
 
 

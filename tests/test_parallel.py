@@ -1,0 +1,164 @@
+"""Chapter 8's engine: tensor, pipeline and data parallel inference on gloo ranks started
+on this machine, held to the single-process engine; the launcher's failures."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from reference_engine.errors import DojoError
+from reference_engine.generate import generate
+from reference_engine.load import load_model
+from reference_engine.parallel.launch import run_local
+from reference_engine.parallel.pipeline import bubble_fraction, gpipe_schedule, measured_bubble, stage_layers
+from reference_engine.parallel.run import greedy_on_rank, logits_on_rank
+from reference_engine.parallel.tensor import kv_group_split, split_sizes
+from tests.tiny_gguf import tiny_llama, write_gguf
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["What is the capital of France?", "Name three colours.", "Write a haiku about rain.", "What is 2+2?",
+           "Who wrote Hamlet?"]
+
+
+@pytest.fixture(scope="module")
+def tiny_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("models") / "tiny.gguf"
+    write_gguf(tiny_llama(), path, "Q8_0")
+    return str(path)
+
+
+def test_split_sizes_and_kv_groups():
+    assert split_sizes(10, 3) == [4, 3, 3] and split_sizes(2, 3) == [1, 1, 0]
+    assert kv_group_split(9, 3, 2) == [(range(0, 6), range(0, 2)), (range(6, 9), range(2, 3))]
+    assert kv_group_split(9, 3, 3)[1] == (range(3, 6), range(1, 2))
+    with pytest.raises(DojoError, match="use 1 to 3 ranks, not 4"):
+        kv_group_split(9, 3, 4)
+
+
+def test_gpipe_schedule_and_bubble():
+    assert gpipe_schedule(2, 3) == [[0, None], [1, 0], [2, 1], [None, 2]]
+    schedule = gpipe_schedule(4, 6)
+    assert len(schedule) == 9
+    for s in range(4):  # every stage runs every micro-batch once, in order, s steps after stage 0
+        column = [row[s] for row in schedule]
+        assert [j for j in column if j is not None] == list(range(6)) and column.index(0) == s
+    idle = sum(j is None for row in schedule for j in row) / (4 * len(schedule))
+    assert idle == pytest.approx(bubble_fraction(4, 6)) == pytest.approx(3 / 9)
+    # two stages, equal busy times: the measured bubble is the formula's
+    timeline = [(0, 0, 0, 0.0, 1.0), (0, 0, 1, 1.0, 2.0), (1, 0, 0, 1.0, 2.0), (1, 0, 1, 2.0, 3.0)]
+    assert measured_bubble(timeline, 2) == pytest.approx(bubble_fraction(2, 2))
+    assert [len(r) for r in stage_layers(30, 4)] == [8, 8, 7, 7]
+    with pytest.raises(DojoError, match="1 to 30 ranks"):
+        stage_layers(30, 31)
+
+
+def test_schemes_match_the_single_process_engine_on_a_tiny_model(tiny_file):
+    model, tok = load_model(tiny_file)
+    prompts = [tok.encode(p) for p in ["the cat sat", "the dog", "then the cat and the dog sat together"]]
+    expected = generate(model, prompts, max_new_tokens=6).tokens
+    for scheme, world, micro in [("tp", 2, 1), ("pp", 2, 3), ("dp", 2, 1)]:
+        out = run_local(greedy_on_rank, world, (scheme, prompts, 6, tiny_file, micro))
+        assert [o["tokens"] for o in out] == [expected] * world, scheme
+    tp = run_local(greedy_on_rank, 2, ("tp", prompts, 6, tiny_file))[0]
+    per_token = tp["comm_per_token"]
+    assert per_token["all_reduce"]["calls"] == 2 * model.config.n_layers  # after attention and after the MLP
+    assert per_token["all_reduce"]["bytes"] == 2 * model.config.n_layers * len(prompts) * model.config.d_model * 4
+    assert per_token["all_gather"]["calls"] == 1  # the LM head's logits
+
+
+def test_tensor_parallel_logits_within_float32_rounding(smollm):
+    model, tok = smollm
+    ids = [tok.encode("The quick brown fox jumps over the lazy dog because")]
+    with torch.inference_mode():
+        expected = model(torch.tensor(ids))
+    for world in (2, 3):  # 2 splits the 3 KV groups unevenly (6 and 3 query heads)
+        logits = run_local(logits_on_rank, world, (ids,))
+        assert all(torch.equal(logits[0], other) for other in logits[1:])  # gathered: the same on every rank
+        assert (logits[0] - expected).abs().max() < 1e-3 * expected.abs().max()
+        assert torch.equal(logits[0].argmax(-1), expected.argmax(-1))
+
+
+@pytest.mark.parametrize("scheme,world,micro", [("tp", 2, 1), ("tp", 3, 1), ("pp", 2, 5), ("dp", 2, 1)])
+def test_smollm2_greedy_tokens_identical_on_five_prompts(smollm, scheme, world, micro):
+    model, tok = smollm
+    prompts = [tok.encode_chat(p) for p in PROMPTS]
+    expected = generate(model, prompts, max_new_tokens=10).tokens
+    out = run_local(greedy_on_rank, world, (scheme, prompts, 10, None, micro))
+    assert all(o["tokens"] == expected for o in out)
+
+
+def exit_on_rank_one(code: int) -> int:
+    import torch.distributed as dist
+
+    if dist.get_rank() == 1:
+        os._exit(code)
+    dist.barrier()  # rank 0 would wait here forever without the launcher's watch
+    return 0
+
+
+def raise_on_rank_one() -> None:
+    import torch.distributed as dist
+
+    if dist.get_rank() == 1:
+        raise ValueError("bad shard")
+    dist.barrier()
+
+
+def test_a_rank_that_exits_or_raises_stops_the_job_with_its_name():
+    with pytest.raises(DojoError, match=r"rank 1 of 2 exited \(code 7\) before returning; the other ranks were"):
+        run_local(exit_on_rank_one, 2, (7,), timeout_s=60)
+    with pytest.raises(DojoError, match="rank 1 of 2 failed: ValueError: bad shard"):
+        run_local(raise_on_rank_one, 2, timeout_s=60)
+
+
+def run_module(*args, env=None, timeout=180):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          env=env, cwd=ROOT)
+
+
+def test_torchrun_launches_tensor_parallel(tiny_file):
+    model, tok = load_model(tiny_file)
+    expected = tok.decode(generate(model, [tok.encode("the cat sat")], max_new_tokens=5).tokens[0])
+    result = run_module("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+                        "reference_engine", "generate", "the cat sat", "--model", tiny_file, "--parallel", "tp",
+                        "--max-new-tokens", "5")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == expected.strip()
+    assert "all_reduce" in result.stderr and "tp on 2 ranks" in result.stderr
+
+
+def test_two_torchrun_nodes_on_loopback_match(tiny_file):
+    model, tok = load_model(tiny_file)
+    prompts = ["the cat sat", "the dog ate", "in 2024 they"]
+    expected = generate(model, [tok.encode(p) for p in prompts], max_new_tokens=5).tokens
+    port = str(29500 + os.getpid() % 400)
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "t8",
+                               "-m", "reference_engine", "generate", *prompts, "--model", tiny_file, "--parallel",
+                               "pp", "--micro-batches", "3", "--max-new-tokens", "5"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                              env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}) for _ in range(2)]
+    outputs = [node.communicate(timeout=180) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-1500:] + outputs[1][1][-1500:]
+    printed = next(out for out, _ in outputs if out.strip())  # the node whose rank is 0 prints
+    assert printed == "".join(f"[{i}] {tok.decode(t)}\n" for i, t in enumerate(expected))
+
+
+def test_missing_launcher_and_absent_ranks_are_clear_errors(tiny_file):
+    result = run_module("-m", "reference_engine", "generate", "hi", "--model", tiny_file, "--parallel", "tp")
+    assert result.returncode == 2 and "needs a launcher" in result.stderr and "torchrun" in result.stderr
+    alone = {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29900 + os.getpid() % 90)}
+    result = run_module("-m", "reference_engine", "generate", "hi", "--model", tiny_file, "--parallel", "tp",
+                        "--dist-timeout", "3", env=alone, timeout=60)
+    assert result.returncode == 2 and "did not join" in result.stderr and "Traceback" not in result.stderr
+    result = run_module("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3", "-m",
+                        "reference_engine", "generate", "hi", "--model", tiny_file, "--parallel", "tp")
+    assert result.returncode != 0 and "use 1 to 2 ranks, not 3" in result.stderr
+    result = run_module("-m", "reference_engine", "generate", "hi", "--model", tiny_file, "--micro-batches", "2")
+    assert result.returncode == 2 and "--micro-batches is for --parallel pp" in result.stderr
