@@ -25,7 +25,18 @@ import torch
 
 PRIVATE = sys.argv[1]
 job = torch.load(os.path.join(PRIVATE, "job.pt"), weights_only=True)
-results_file = open(os.path.join(PRIVATE, "results.pt"), "wb")  # noqa: SIM115 (kept open on purpose)
+# Ranks (chapter 8): copies of this process made now, before any learner code exists, each
+# under the same limits and in the same process group (killed whole); rank r > 0 saves
+# its own results file. The harness joins them into one gloo group.
+RANK, WORLD_SIZE, ranks = 0, int(job.get("world_size", 1)), []
+for r in range(1, WORLD_SIZE):
+    pid = os.fork()
+    if pid == 0:
+        RANK, ranks = r, []
+        break
+    ranks.append(pid)
+results_name = "results.pt" if RANK == 0 else f"results-{RANK}.pt"
+results_file = open(os.path.join(PRIVATE, results_name), "wb")  # noqa: SIM115 (kept open on purpose)
 results = {"cells": [], "found": False, "observed": None}
 
 
@@ -45,7 +56,8 @@ if job.get("baseline_source"):
     baseline = namespace[job["baseline_name"]]
 harness = None
 if job.get("harness_source"):  # trusted set-up that needs the engine (loaded before the walls)
-    harness = {"__name__": "dojo_harness"}
+    harness = {"__name__": "dojo_harness", "RANK": RANK, "WORLD_SIZE": WORLD_SIZE,
+               "STORE": os.path.join(PRIVATE, "ranks.store")}
     exec(compile(job["harness_source"], "harness", "exec"), harness)
 torch.set_num_threads(1)
 save()
@@ -119,4 +131,6 @@ if callable(fn):
 
     observer["run_job"](fn, job, baseline, progress, signature)
 results_file.close()
+for pid in ranks:  # rank 0 ends last: the parent reads every file once this process is gone
+    os.waitpid(pid, 0)
 os._exit(0)  # skip interpreter teardown: learner objects with odd finalizers cannot hang us

@@ -12,6 +12,7 @@ import torch
 
 from ..errors import DojoError
 from . import checks
+from .ranks import merge_ranks
 from .report import SILENT, Live
 from .sandbox import run_child
 from .source import Cell, read_cells, scan
@@ -46,13 +47,16 @@ def build_cases(task: Task, seeds: tuple[int, ...] | None = None) -> list[Case]:
     cases = []
     for seed in seeds if seeds is not None else task.seeds + task.hidden_seeds:
         cases += task.make_cases(torch.Generator().manual_seed(seed))
+    if task.world_size > 1:  # a failed collective ends the ranks' later cases: the basic checks go first
+        order = list(task.checks)
+        cases.sort(key=lambda c: order.index(c.check))
     return cases
 
 
 def _base_job(task: Task, cells: list[str]) -> dict:
     """What every child job of a task carries: the code to run and how to run it."""
     return {"cells": cells, "function": task.function, "blocked_modules": list(task.blocked_modules),
-            "harness_source": _source(task.harness_source)}
+            "harness_source": _source(task.harness_source), "world_size": task.world_size}
 
 
 def build_job(task: Task, cells: list[str], cases: list[Case], timed: bool = True) -> dict:
@@ -132,7 +136,10 @@ def grade_task(task: Task, cells: list[Cell], timeout_s: float = 60.0, stopped: 
         return measure_speed(task, runnable, round_, timeout_s)
 
     live.stage("comparing with the reference")
-    return checks.judge_task(task, cases, run.results["observed"], job["same_object"], remeasure)
+    observed = run.results["observed"]
+    if task.world_size > 1:
+        observed = merge_ranks(run.results["ranks"], len(cases))
+    return checks.judge_task(task, cases, observed, job["same_object"], remeasure)
 
 
 def measure_speed(task: Task, cells: list[str], round_: int, timeout_s: float = 60.0) -> dict | None:

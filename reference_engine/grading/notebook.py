@@ -20,6 +20,7 @@ from dataclasses import replace
 
 from . import checks, observe
 from .grader import build_cases, build_job
+from .ranks import merge_ranks
 from .tasks import TASKS, load_chapters
 
 
@@ -52,6 +53,9 @@ def run_checks(task_id: str, fn, hidden: bool = False) -> list[checks.CheckResul
         exec(compile(job["baseline_source"], "baseline", "exec"), namespace)
         baseline = namespace[job["baseline_name"]]
     signature = observe.signature_of(fn)
+    if task.world_size > 1:
+        observed = observe_on_ranks(task, job, fn, signature)
+        return checks.judge_task(task, cases, observed, None, lambda _round: None)
     if job["harness_source"]:  # the task runs fn inside something bigger (the engine, for 1.5)
         harness = {}
         exec(compile(job["harness_source"], "harness", "exec"), harness)
@@ -64,6 +68,53 @@ def run_checks(task_id: str, fn, hidden: bool = False) -> list[checks.CheckResul
             return observe.observe_speed(fn, baseline, job["speed"]["inputs"], job["speed"]["kwargs"])
 
     return checks.judge_task(task, cases, observed, job["same_object"], remeasure)
+
+
+def observe_on_ranks(task, job: dict, fn, signature, timeout_s: float = 120.0) -> dict:
+    """Run the job on task.world_size ranks forked from this kernel, one gloo group (the
+    harness joins it), and merge what each observed. A rank still running at the deadline
+    is killed; its missing cases are reported as such."""
+    import signal
+    import tempfile
+    import time
+
+    import torch
+
+    with tempfile.TemporaryDirectory(prefix="dojo-ranks-") as tmp:
+        pids = []
+        for rank in range(task.world_size):
+            pid = os.fork()
+            if pid == 0:  # a rank: never returns into the kernel
+                code = 1
+                try:
+                    # subtle: OpenMP's threads do not survive a fork; a parallel region in
+                    # the copy of a process that used them waits for them forever
+                    torch.set_num_threads(1)
+                    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (the kernel's output threads are not here)
+                    with quiet_stderr():
+                        harness = {"RANK": rank, "WORLD_SIZE": task.world_size, "STORE": os.path.join(tmp, "store")}
+                        exec(compile(job["harness_source"], "harness", "exec"), harness)
+                        observed = observe.run_job(harness["wrap"](fn), job, signature=signature)
+                        torch.save({"observed": observed}, os.path.join(tmp, f"rank{rank}.pt"))
+                    code = 0
+                finally:
+                    os._exit(code)
+            pids.append(pid)
+        deadline = time.monotonic() + timeout_s
+        waiting = set(pids)
+        while waiting and time.monotonic() < deadline:
+            for pid in list(waiting):
+                if os.waitpid(pid, os.WNOHANG)[0]:
+                    waiting.discard(pid)
+            time.sleep(0.05)
+        for pid in waiting:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        by_rank = []
+        for rank in range(task.world_size):
+            path = os.path.join(tmp, f"rank{rank}.pt")
+            by_rank.append(torch.load(path, weights_only=True) if os.path.exists(path) else None)
+    return merge_ranks(by_rank, len(job["calls"]))
 
 
 def check(task_id: str, fn, hidden: bool = False) -> None:

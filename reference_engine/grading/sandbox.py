@@ -85,11 +85,16 @@ def run_child(job: dict, timeout_s: float = 60.0, memory_mb: int = 4096) -> Chil
                 pass
             proc.wait()
         seconds = time.perf_counter() - t0
-        results = None
-        path = private / "results.pt"
-        if path.exists() and path.stat().st_size > 0:
-            try:
-                results = torch.load(path, weights_only=True)
-            except Exception:  # cut mid-write by the kill, or not ours: nothing trusted
-                results = None
+        results = _load(private / "results.pt")
+        if results is not None and job.get("world_size", 1) > 1:
+            results["ranks"] = [results] + [_load(private / f"results-{r}.pt") for r in range(1, job["world_size"])]
         return ChildRun(results=results, timed_out=timed_out, seconds=seconds)
+
+
+def _load(path: Path) -> dict | None:
+    if not path.exists() or path.stat().st_size == 0:
+        return None
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception:  # cut mid-write by the kill, or not ours: nothing trusted
+        return None

@@ -26,6 +26,11 @@ BLOCKED_NAMES = frozenset({
     "exec", "eval", "compile", "open", "__import__", "globals", "locals", "vars", "getattr",
     "setattr", "delattr", "breakpoint", "input", "get_ipython", "__builtins__", "memoryview",
 })
+# torch.distributed's process-group objects and internals: collectives called through them
+# are invisible to chapter 8's recorder (dist.all_reduce and friends are the way)
+DIST_INTERNALS = frozenset({"distributed_c10d", "group", "GroupMember", "new_group", "new_subgroups",
+                            "ProcessGroup", "ProcessGroupGloo", "Backend", "Store", "FileStore", "TCPStore",
+                            "init_process_group", "destroy_process_group", "rendezvous"})
 ALLOWED_DUNDERS = frozenset({"__init__", "__call__", "__name__", "__doc__", "__repr__", "__len__"})
 
 
@@ -104,6 +109,9 @@ def _node_problem(node: ast.AST, blocked_modules: tuple[str, ...]) -> str | None
             parts = name.split(".")
             if root == "torch" and any(p in BLOCKED_TORCH for p in parts[1:]):
                 return f"imports {name}, which reaches past torch's public operators"
+            inner = parts[1:] + ([a.name for a in node.names] if isinstance(node, ast.ImportFrom) else [])
+            if parts[:2] == ["torch", "distributed"] and any(p in DIST_INTERNALS for p in inner):
+                return f"imports {name} internals; call dist.all_reduce, dist.send and the other collectives"
             if isinstance(node, ast.ImportFrom) and root == "torch" and any(a.name in BLOCKED_TORCH for a in node.names):
                 return f"imports {', '.join(a.name for a in node.names)} from {name}, which graded code may not use"
     elif isinstance(node, ast.Name) and node.id in BLOCKED_NAMES:
@@ -113,13 +121,15 @@ def _node_problem(node: ast.AST, blocked_modules: tuple[str, ...]) -> str | None
             return f"uses the attribute {node.attr}, which graded code may not use"
         if node.attr in BLOCKED_TORCH and _rooted_at(node.value, "torch"):
             return f"uses torch.{node.attr}, which graded code may not use"
+        if node.attr in DIST_INTERNALS and _rooted_at(node.value, {"dist", "torch", "distributed"}):
+            return f"uses {node.attr} of torch.distributed; call dist.all_reduce, dist.send and the other collectives"
         if node.attr in {"os", "sys", "subprocess", "builtins", "importlib", "ctypes", "gc", "inspect"}:
             return f"reaches the module {node.attr} through an attribute, which graded code may not do"
     elif isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Delete)):
         targets = node.targets if isinstance(node, (ast.Assign, ast.Delete)) else [node.target]
         for target in targets:
             if isinstance(target, ast.Attribute) and _rooted_at(target.value, {"torch", "F", "math", "time", "np", "numpy",
-                                                                              "triton", "tl"}):
+                                                                              "triton", "tl", "dist"}):
                 return "assigns to an attribute of a library module (monkeypatching), which graded code may not do"
     return None
 

@@ -88,6 +88,9 @@ class Task:
     # a kernel whose speed only means something on a GPU: not timed, and the report says so
     # (no points lost or given)
     gpu_speed: bool = False
+    # ranks of one gloo group that each run the learner's code on every case (chapter 8);
+    # each rank's output comes back and the case's judge sees them all, by rank
+    world_size: int = 1
 
     # Checks every task has, besides its own value checks.
     COMMON = {
@@ -141,4 +144,5 @@ def load_chapters() -> None:
         ch05_pruning_low_rank,
         ch06_distillation,
         ch07_gpu_acceleration,
+        ch08_parallel_inference,
     )

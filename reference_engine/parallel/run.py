@@ -108,3 +108,28 @@ def logits_on_rank(ids: list[list[int]], model_path=None) -> torch.Tensor:
     prepare("tp", model, Comm())
     with torch.inference_mode():
         return model(torch.tensor(ids))
+
+
+def pipeline_timelines_on_rank(prompts: list[list[int]], max_new_tokens: int, micro_batches: list[int],
+                               model_path=None) -> dict[int, tuple[list, float]]:
+    """Pipeline runs with each number of micro-batches, the model loaded once: {m: (timeline,
+    seconds)}, for plotting the schedule and measuring its bubble (`launch.run_local`)."""
+    from ..load import load_model
+    from . import pipeline
+
+    comm = Comm()
+    model, _ = load_model(model_path)
+    prepare("pp", model, comm)
+    pipeline.pipeline_generate(model, comm, prompts[:1], 2, 1)  # warm-up
+    runs = {}
+    for m in micro_batches:
+        run = pipeline.pipeline_generate(model, comm, prompts, max_new_tokens, m)
+        runs[m] = (run.timeline, run.seconds)
+    return runs
+
+
+def all_reduce_times_on_rank(numels: list[int], repeats: int = 50) -> dict[int, float]:
+    """Median seconds per all_reduce of float32 tensors of each size (`comm.time_all_reduce`)."""
+    from .comm import time_all_reduce
+
+    return time_all_reduce(numels, repeats)
