@@ -162,3 +162,34 @@ def test_missing_launcher_and_absent_ranks_are_clear_errors(tiny_file):
     assert result.returncode != 0 and "use 1 to 2 ranks, not 3" in result.stderr
     result = run_module("-m", "reference_engine", "generate", "hi", "--model", tiny_file, "--micro-batches", "2")
     assert result.returncode == 2 and "--micro-batches is for --parallel pp" in result.stderr
+
+
+def test_a_rank_killed_under_torchrun_ends_the_job_with_a_message(smollm):
+    """SIGKILL one worker in the middle of generating: torchrun ends the job, and the
+    surviving rank, cut off in a collective, says what happened instead of hanging."""
+    import signal
+    import time
+
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                                 "2", "-m", "reference_engine", "generate", *["Count from 1 to 300, separated by commas."] * 4,
+                                 "--chat", "--parallel", "pp", "--micro-batches", "4", "--max-new-tokens", "400",
+                                 "--dist-timeout", "20"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                                env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    victim, deadline = None, time.monotonic() + 60
+    while victim is None and time.monotonic() < deadline and launcher.poll() is None:
+        for proc in Path("/proc").iterdir():  # torchrun's worker whose RANK is 1
+            try:
+                parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                environ = (proc / "environ").read_bytes().split(b"\0")
+            except (OSError, ValueError, IndexError):
+                continue
+            if parent == launcher.pid and b"RANK=1" in environ:
+                victim = int(proc.name)
+        time.sleep(0.2)
+    assert victim is not None, "rank 1 never started"
+    time.sleep(8)  # loaded, and generating (the 400 tokens take about a minute)
+    os.kill(victim, signal.SIGKILL)
+    _, stderr = launcher.communicate(timeout=120)  # no hang: the job ends
+    assert launcher.returncode != 0
+    assert "error: rank 0 of 2: a collective failed" in stderr, stderr[-3000:]

@@ -80,8 +80,13 @@ def generate_parallel(args) -> int:
     rank, world = init_from_env(args.dist_timeout)
     tokenizer = load_tokenizer(args.model)
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}]) if args.chat else t for t in args.prompt]
-    result = generate_on_rank(args.parallel, [tokenizer.encode(t) for t in texts], args.max_new_tokens, args.model,
-                              args.micro_batches, stop_ids(tokenizer))
+    try:
+        result = generate_on_rank(args.parallel, [tokenizer.encode(t) for t in texts], args.max_new_tokens,
+                                  args.model, args.micro_batches, stop_ids(tokenizer))
+    except RuntimeError as e:  # gloo's and NCCL's errors: a peer gone, or a wait past the timeout
+        raise DojoError(f"rank {rank} of {world}: a collective failed ({str(e).splitlines()[0][:160]}): another "
+                        "rank exited or stopped answering (its own message says why), or it took longer than "
+                        f"--dist-timeout {args.dist_timeout:g} s") from None
     if rank == 0:
         for i, tokens in enumerate(result["tokens"]):
             print(tokenizer.decode(tokens) if len(texts) == 1 else f"[{i}] {tokenizer.decode(tokens)}")
