@@ -192,4 +192,7 @@ def test_a_rank_killed_under_torchrun_ends_the_job_with_a_message(smollm):
     os.kill(victim, signal.SIGKILL)
     _, stderr = launcher.communicate(timeout=120)  # no hang: the job ends
     assert launcher.returncode != 0
-    assert "error: rank 0 of 2: a collective failed" in stderr, stderr[-3000:]
+    # the survivor says so in one line if it reaches a collective before torchrun stops it;
+    # either way torchrun's summary names the rank that died and how
+    survivor = "error: rank 0 of 2 failed" in stderr and "another rank exited" in stderr
+    assert survivor or ("rank      : 1" in stderr and "SIGKILL" in stderr), stderr[-3000:]

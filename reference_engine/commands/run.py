@@ -83,9 +83,9 @@ def generate_parallel(args) -> int:
     try:
         result = generate_on_rank(args.parallel, [tokenizer.encode(t) for t in texts], args.max_new_tokens,
                                   args.model, args.micro_batches, stop_ids(tokenizer))
-    except RuntimeError as e:  # gloo's and NCCL's errors: a peer gone, or a wait past the timeout
-        raise DojoError(f"rank {rank} of {world}: a collective failed ({str(e).splitlines()[0][:160]}): another "
-                        "rank exited or stopped answering (its own message says why), or it took longer than "
+    except RuntimeError as e:  # gloo's errors: a peer gone, or a wait past the timeout
+        raise DojoError(f"rank {rank} of {world} failed: {str(e).splitlines()[0][:160]}. When a collective failed, "
+                        "another rank exited or stopped answering (its own message says why) or the wait passed "
                         f"--dist-timeout {args.dist_timeout:g} s") from None
     if rank == 0:
         for i, tokens in enumerate(result["tokens"]):

@@ -5,6 +5,7 @@ grade` and `pytest tests/graders`."""
 from __future__ import annotations
 
 import inspect
+import secrets
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -44,8 +45,13 @@ class Report:
 
 def build_cases(task: Task, seeds: tuple[int, ...] | None = None) -> list[Case]:
     """Cases for the given seeds (default: the visible and the hidden ones)."""
+    if seeds is None:
+        # subtle: a rank that can rebuild the cases from known seeds can rebuild the other
+        # ranks' inputs without communicating; the trusted grader draws their hidden cases anew
+        hidden = task.hidden_seeds if task.world_size == 1 else tuple(secrets.randbelow(2**31) for _ in task.hidden_seeds)
+        seeds = task.seeds + hidden
     cases = []
-    for seed in seeds if seeds is not None else task.seeds + task.hidden_seeds:
+    for seed in seeds:
         cases += task.make_cases(torch.Generator().manual_seed(seed))
     if task.world_size > 1:  # a failed collective ends the ranks' later cases: the basic checks go first
         order = list(task.checks)
@@ -56,7 +62,8 @@ def build_cases(task: Task, seeds: tuple[int, ...] | None = None) -> list[Case]:
 def _base_job(task: Task, cells: list[str]) -> dict:
     """What every child job of a task carries: the code to run and how to run it."""
     return {"cells": cells, "function": task.function, "blocked_modules": list(task.blocked_modules),
-            "harness_source": _source(task.harness_source), "world_size": task.world_size}
+            "harness_source": _source(task.harness_source), "world_size": task.world_size,
+            "report_each_call": task.world_size > 1}  # a rank that dies keeps the cases it finished
 
 
 def build_job(task: Task, cells: list[str], cases: list[Case], timed: bool = True) -> dict:
@@ -138,7 +145,7 @@ def grade_task(task: Task, cells: list[Cell], timeout_s: float = 60.0, stopped: 
     live.stage("comparing with the reference")
     observed = run.results["observed"]
     if task.world_size > 1:
-        observed = merge_ranks(run.results["ranks"], len(cases))
+        observed = merge_ranks(run.results["ranks"], len(cases), task.params)
     return checks.judge_task(task, cases, observed, job["same_object"], remeasure)
 
 

@@ -85,7 +85,7 @@ def observe_on_ranks(task, job: dict, fn, signature, timeout_s: float = 120.0) -
         for rank in range(task.world_size):
             pid = os.fork()
             if pid == 0:  # a rank: never returns into the kernel
-                code = 1
+                code, saved = 1, os.path.join(tmp, f"rank{rank}.pt")
                 try:
                     # subtle: OpenMP's threads do not survive a fork; a parallel region in
                     # the copy of a process that used them waits for them forever
@@ -95,8 +95,10 @@ def observe_on_ranks(task, job: dict, fn, signature, timeout_s: float = 120.0) -
                         harness = {"RANK": rank, "WORLD_SIZE": task.world_size, "STORE": os.path.join(tmp, "store")}
                         exec(compile(job["harness_source"], "harness", "exec"), harness)
                         observed = observe.run_job(harness["wrap"](fn), job, signature=signature)
-                        torch.save({"observed": observed}, os.path.join(tmp, f"rank{rank}.pt"))
+                        torch.save({"observed": observed}, saved)
                     code = 0
+                except BaseException as e:  # noqa: BLE001 (the rank could not start: say why, not a signature)
+                    torch.save({"observed": None, "error": observe.describe_error(e)}, saved)
                 finally:
                     os._exit(code)
             pids.append(pid)
@@ -114,7 +116,7 @@ def observe_on_ranks(task, job: dict, fn, signature, timeout_s: float = 120.0) -
         for rank in range(task.world_size):
             path = os.path.join(tmp, f"rank{rank}.pt")
             by_rank.append(torch.load(path, weights_only=True) if os.path.exists(path) else None)
-    return merge_ranks(by_rank, len(job["calls"]))
+    return merge_ranks(by_rank, len(job["calls"]), task.params)
 
 
 def check(task_id: str, fn, hidden: bool = False) -> None:

@@ -160,6 +160,8 @@ def run_job(fn, job: dict, baseline=None, progress=None, signature=None) -> dict
     report = progress or (lambda _: None)
     for call in job["calls"]:
         out["calls"].append(observe_call(fn, call["args"], call["kwargs"]))
+        if job.get("report_each_call"):
+            report(out)
     report(out)
     if job.get("same_object"):
         s = job["same_object"]

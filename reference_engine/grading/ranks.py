@@ -6,27 +6,31 @@ first rank that raised is the error shown."""
 from __future__ import annotations
 
 
-def merge_ranks(by_rank: list[dict | None], n_calls: int) -> dict:
+def merge_ranks(by_rank: list[dict | None], n_calls: int, params: tuple[str, ...]) -> dict:
     """One `observe.run_job` result from each rank's (None where a rank saved nothing).
     calls[i]["output"] is the list of the ranks' outputs; its error names the rank."""
     observed = [(r or {}).get("observed") or {} for r in by_rank]
     first = next((o for o in observed if o.get("signature")), None)
-    if first is None:  # no rank got as far as calling the function
-        first = {"signature": ["<no rank reported: every one crashed, hung or exited before its first case>"]}
+    if first is None:  # no rank got as far as calling the function: say why, case by case
+        why = next((r["error"] for r in by_rank if r and r.get("error")), None)
+        error = (f"no rank could run it ({why})" if why else
+                 "no rank reported: every one crashed, waited forever or exited before its first case")
+        return {"signature": list(params), "calls": [{"output": None, "error": error, "inputs_after": None}] * n_calls,
+                "same_object": None, "ops": None, "speed": None, "largest": None}
     calls = []
     for i in range(n_calls):
         outputs, error = [], None
         for rank, obs in enumerate(observed):
             got = obs.get("calls") or []
             if i >= len(got):
-                error = error or (f"rank {rank} stopped before this case (it crashed, waited forever, or exited); "
-                                  "every rank must call the same collectives in the same order")
+                done = len(got) == i  # it reports after every case: it ended during this one
+                error = error or (f"rank {rank} ended during this case (a crash, such as gloo aborting on a "
+                                  "message of the wrong size, or os._exit) or never reached it"
+                                  if done else f"rank {rank} ended before this case")
                 outputs.append(None)
                 continue
             if got[i]["error"] and error is None:
                 error = f"{got[i]['error']} (on rank {rank})"
             outputs.append(got[i]["output"])
-        calls.append({"output": None if error else outputs, "error": error,
-                      "inputs_after": (first.get("calls") or [{}] * n_calls)[i].get("inputs_after")
-                      if i < len(first.get("calls") or []) else None})
+        calls.append({"output": None if error else outputs, "error": error, "inputs_after": None})
     return {**first, "calls": calls, "same_object": None, "ops": first.get("ops"), "speed": None}

@@ -26,11 +26,20 @@ BLOCKED_NAMES = frozenset({
     "exec", "eval", "compile", "open", "__import__", "globals", "locals", "vars", "getattr",
     "setattr", "delattr", "breakpoint", "input", "get_ipython", "__builtins__", "memoryview",
 })
-# torch.distributed's process-group objects and internals: collectives called through them
-# are invisible to chapter 8's recorder (dist.all_reduce and friends are the way)
-DIST_INTERNALS = frozenset({"distributed_c10d", "group", "GroupMember", "new_group", "new_subgroups",
-                            "ProcessGroup", "ProcessGroupGloo", "Backend", "Store", "FileStore", "TCPStore",
-                            "init_process_group", "destroy_process_group", "rendezvous"})
+# What graded code may use of torch.distributed: the rank, the world size and the
+# collectives, which chapter 8's harness records. Process-group objects, device meshes and
+# the internals reach the same transport without being seen.
+DIST_ALLOWED = frozenset({
+    "get_rank", "get_world_size", "is_initialized", "ReduceOp", "P2POp", "all_reduce", "all_gather",
+    "all_gather_into_tensor", "all_gather_object", "reduce_scatter", "reduce_scatter_tensor", "broadcast",
+    "broadcast_object_list", "reduce", "gather", "gather_object", "scatter", "scatter_object_list", "all_to_all",
+    "all_to_all_single", "barrier", "send", "recv", "isend", "irecv", "batch_isend_irecv",
+})
+# A module imported under another name escapes the checks that look for torch, F or dist;
+# these are the names the notebooks use.
+MODULE_ALIASES = {"torch.nn.functional": "F", "torch.nn": "nn", "torch.distributed": "dist", "triton.language": "tl",
+                  "numpy": "np", "matplotlib.pyplot": "plt"}
+MODULE_NAMES = frozenset({"torch", "math", "triton", "numpy", *MODULE_ALIASES.values()})
 ALLOWED_DUNDERS = frozenset({"__init__", "__call__", "__name__", "__doc__", "__repr__", "__len__"})
 
 
@@ -86,6 +95,9 @@ def scan(cell: Cell, blocked_modules: tuple[str, ...] = (), allowed: tuple[str, 
     except SyntaxError as e:
         return f"syntax error in cell {cell.number}, line {e.lineno}: {e.msg}"
     exempt = _allowed_nodes(tree, allowed)
+    as_value = module_used_as_value(tree)
+    if as_value:
+        return f"cell {cell.number}, {as_value}"
     for node in ast.walk(tree):
         if id(node) in exempt:
             continue
@@ -109,9 +121,13 @@ def _node_problem(node: ast.AST, blocked_modules: tuple[str, ...]) -> str | None
             parts = name.split(".")
             if root == "torch" and any(p in BLOCKED_TORCH for p in parts[1:]):
                 return f"imports {name}, which reaches past torch's public operators"
-            inner = parts[1:] + ([a.name for a in node.names] if isinstance(node, ast.ImportFrom) else [])
-            if parts[:2] == ["torch", "distributed"] and any(p in DIST_INTERNALS for p in inner):
-                return f"imports {name} internals; call dist.all_reduce, dist.send and the other collectives"
+            imported = [a.name for a in node.names] if isinstance(node, ast.ImportFrom) else []
+            if parts[:2] == ["torch", "distributed"] and (len(parts) > 2 or any(n not in DIST_ALLOWED for n in imported)):
+                return (f"imports {name} {', '.join(imported)}; graded code uses torch.distributed as dist, and "
+                        "only the rank, the world size and the collectives (dist.all_reduce, dist.send, ...)")
+            renamed = _renamed(node)
+            if renamed:
+                return renamed
             if isinstance(node, ast.ImportFrom) and root == "torch" and any(a.name in BLOCKED_TORCH for a in node.names):
                 return f"imports {', '.join(a.name for a in node.names)} from {name}, which graded code may not use"
     elif isinstance(node, ast.Name) and node.id in BLOCKED_NAMES:
@@ -121,8 +137,11 @@ def _node_problem(node: ast.AST, blocked_modules: tuple[str, ...]) -> str | None
             return f"uses the attribute {node.attr}, which graded code may not use"
         if node.attr in BLOCKED_TORCH and _rooted_at(node.value, "torch"):
             return f"uses torch.{node.attr}, which graded code may not use"
-        if node.attr in DIST_INTERNALS and _rooted_at(node.value, {"dist", "torch", "distributed"}):
-            return f"uses {node.attr} of torch.distributed; call dist.all_reduce, dist.send and the other collectives"
+        if node.attr.startswith("_") and _rooted_at(node.value, MODULE_NAMES):
+            return f"uses the private name {node.attr}, which graded code may not use"
+        if _dotted(node.value) in ("dist", "torch.distributed") and node.attr not in DIST_ALLOWED:
+            return (f"uses dist.{node.attr}; graded code uses only the rank, the world size and the collectives "
+                    "(dist.all_reduce, dist.send, ...), which the grader records")
         if node.attr in {"os", "sys", "subprocess", "builtins", "importlib", "ctypes", "gc", "inspect"}:
             return f"reaches the module {node.attr} through an attribute, which graded code may not do"
     elif isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Delete)):
@@ -131,6 +150,30 @@ def _node_problem(node: ast.AST, blocked_modules: tuple[str, ...]) -> str | None
             if isinstance(target, ast.Attribute) and _rooted_at(target.value, {"torch", "F", "math", "time", "np", "numpy",
                                                                               "triton", "tl", "dist"}):
                 return "assigns to an attribute of a library module (monkeypatching), which graded code may not do"
+    return None
+
+
+def _renamed(node: ast.Import | ast.ImportFrom) -> str | None:
+    """Why an import binds a module of torch or triton under an unusual name, or None."""
+    for a in node.names:
+        full = a.name if isinstance(node, ast.Import) else f"{node.module}.{a.name}"
+        if a.asname is None or a.asname == a.name.split(".")[-1] and isinstance(node, ast.ImportFrom):
+            continue
+        if full.split(".")[0] in ("torch", "triton", "numpy") and MODULE_ALIASES.get(full) != a.asname:
+            usual = MODULE_ALIASES.get(full, full.split(".")[-1] if isinstance(node, ast.ImportFrom) else full)
+            return f"imports {full} as {a.asname}; use its usual name ({usual})"
+    return None
+
+
+def module_used_as_value(tree: ast.AST) -> str | None:
+    """A module name used other than to reach one of its attributes (m = torch, f(dist)):
+    the alias would escape the checks on torch's and dist's names."""
+    parents = {id(child): node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and node.id in MODULE_NAMES:
+            parent = parents.get(id(node))
+            if not (isinstance(parent, ast.Attribute) and parent.value is node):
+                return f"line {node.lineno}: uses the module name {node.id} as a value; use it only as {node.id}.name"
     return None
 
 

@@ -15,7 +15,9 @@ import torch.distributed as dist
 
 
 class Comm:
-    """Counted collectives on the default process group (one per process in this package)."""
+    """Counted collectives on the default process group (one per process in this package):
+    per kind, the calls, the bytes of this rank's tensor in each (sent, reduced, or for
+    `recv` received), and the seconds the call took (for `send`, only starting it)."""
 
     def __init__(self):
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -61,6 +63,15 @@ class Comm:
         dist.recv(x, src)
         self._count("recv", x, t0)
         return x
+
+    def all_gather_object(self, value) -> list:
+        """Every rank's picklable value, by rank (bytes not counted: pickles, not tensors)."""
+        t0 = time.perf_counter()
+        parts: list = [None] * self.world
+        dist.all_gather_object(parts, value)
+        self.calls["all_gather_object"] += 1
+        self.seconds["all_gather_object"] += time.perf_counter() - t0
+        return parts
 
     def broadcast(self, x: torch.Tensor, src: int) -> torch.Tensor:
         t0 = time.perf_counter()

@@ -9,8 +9,6 @@ one rank while the others wait.
 
 from __future__ import annotations
 
-import torch.distributed as dist
-
 from ..generate import generate
 from ..model import Transformer
 from .comm import Comm
@@ -30,7 +28,5 @@ def data_parallel_generate(model: Transformer, comm: Comm, prompts: list[list[in
     share = my_share(len(prompts), comm.rank, comm.world)
     mine = [prompts[i] for i in share]
     tokens = generate(model, mine, max_new_tokens=max_new_tokens, stop_ids=stop_ids).tokens if mine else []
-    parts: list = [None] * comm.world
-    dist.all_gather_object(parts, tokens)  # rank order is prompt order: shares are contiguous
-    comm.calls["all_gather_object"] += 1
+    parts = comm.all_gather_object(tokens)  # rank order is prompt order: shares are contiguous
     return [t for part in parts for t in part]

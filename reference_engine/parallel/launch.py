@@ -1,4 +1,5 @@
 """Starting ranks: join a job that torchrun launched, or start one on this machine.
+(CPU ranks over gloo; the GPU path with NCCL is not built.)
 
 torchrun (`torch.distributed.run`) starts one process per rank and gives each RANK,
 WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; `init_from_env` joins that job. The
@@ -33,12 +34,14 @@ TIMEOUT_S = 60.0  # the longest any rank waits for another (joining, or in a col
 
 
 def backend() -> str:
-    """NCCL between GPUs, gloo on CPUs (and for CPU tensors anywhere)."""
-    return "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
+    """gloo: every scheme here keeps its model and its messages on the CPU, which NCCL
+    (GPU memory only) cannot carry. A GPU version would use NCCL for the tensors and keep
+    gloo for CPU-side coordination."""
+    return "gloo"
 
 
 def init_from_env(timeout_s: float = TIMEOUT_S) -> tuple[int, int]:
-    """Join the process group that torchrun set up; returns (rank, world_size)."""
+    """Join the process group that torchrun set up (gloo: see `backend`); returns (rank, world_size)."""
     missing = [name for name in LAUNCHER_ENV if name not in os.environ]
     if missing:
         raise DojoError(f"--parallel needs a launcher that starts the ranks ({', '.join(missing)} not set). Run it "
@@ -48,8 +51,6 @@ def init_from_env(timeout_s: float = TIMEOUT_S) -> tuple[int, int]:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     kind = backend()
-    if kind == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
     try:
         dist.init_process_group(kind, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))

@@ -97,9 +97,13 @@ def pipeline_generate(model: Transformer, comm: Comm, prompts: list[list[int]], 
     rank, world = comm.rank, comm.world
     if not 1 <= n_micro <= len(prompts):
         raise DojoError(f"{n_micro} micro-batches of {len(prompts)} prompts: use 1 to {len(prompts)}")
+    if max_new_tokens < 1:
+        raise DojoError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     c = model.config
-    if max(len(p) for p in prompts) + max_new_tokens > c.max_seq_len:
-        raise DojoError(f"prompt and {max_new_tokens} new tokens exceed the context of {c.max_seq_len}")
+    longest = max(len(p) for p in prompts)
+    if longest >= c.max_seq_len:
+        raise DojoError(f"the prompt has {longest} tokens but the model's context is {c.max_seq_len}")
+    max_new_tokens = min(max_new_tokens, c.max_seq_len - longest)  # as `generate`: prompt and output fit
     micro = []
     for start, size in zip(offsets(split_sizes(len(prompts), n_micro)), split_sizes(len(prompts), n_micro)):
         ids, valid, positions = pad_left(prompts[start:start + size])
@@ -113,6 +117,7 @@ def pipeline_generate(model: Transformer, comm: Comm, prompts: list[list[int]], 
     stops = frozenset(stop_ids)
     tokens: list[list[int]] = [[] for _ in prompts]
     done = torch.zeros(len(prompts), dtype=torch.bool)
+    dist.barrier()  # one start for every stage; perf_counter is the machine's monotonic clock
     timeline, t_origin = [], time.perf_counter()
     step = 0
     for step in range(max_new_tokens):

@@ -56,7 +56,8 @@ def generate_on_rank(scheme: str, prompts: list[list[int]], max_new_tokens: int,
     check_scheme(scheme, model.config, comm.world, len(prompts), n_micro)
     prepare(scheme, model, comm)
     load_s = time.perf_counter() - t0
-    comm.calls.clear(), comm.bytes.clear(), comm.seconds.clear()
+    for counter in (comm.calls, comm.bytes, comm.seconds):
+        counter.clear()
     t0 = time.perf_counter()
     result = {"scheme": scheme, "rank": comm.rank, "world": comm.world, "load_s": load_s, "timeline": None}
     after_prompt = None

@@ -35,7 +35,8 @@ SYNC = None  # a second group, for the harness only: the learner's failed collec
 
 
 def _bytes(value) -> int:
-    return value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
+    """The tensor's bytes, read through torch.Tensor itself (a subclass may lie in its own numel)."""
+    return torch.Tensor.numel(value) * torch.Tensor.element_size(value) if isinstance(value, torch.Tensor) else 0
 
 
 DEPTH = [0]  # subtle: dist.recv calls dist.irecv inside; only the learner's own call counts
@@ -63,7 +64,7 @@ def join(rank: int, world: int, store_path: str) -> None:
         os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world,
                             timeout=timedelta(seconds=TIMEOUT_S))
-    SYNC = dist.new_group(backend="gloo")
+    SYNC = dist.new_group(backend="gloo", timeout=timedelta(seconds=3 * TIMEOUT_S))  # a rank may first wait out one
     from torch.distributed import distributed_c10d
 
     for name in SENDS + RECEIVES + GATHERS + OTHERS + ("all_reduce",):
@@ -88,21 +89,89 @@ def stats_vector(flops: int) -> torch.Tensor:
     return torch.tensor([float(counts[k]) for k in STATS], dtype=torch.float64)
 
 
-def wrap_task(fn, rank: int, world: int, own_row: bool = False):
-    """fn on this rank, returning [output, stats]. own_row: the case's first argument is
-    stacked by rank (world, ...), and this rank is given its own row (a ring's inputs)."""
+def mine(n: int, rank: int, world: int) -> torch.Tensor:
+    """This rank's contiguous share of range(n) (torch.tensor_split's rule)."""
+    return torch.tensor_split(torch.arange(n), world)[rank]
+
+
+def others(n: int, rank: int, world: int) -> torch.Tensor:
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[mine(n, rank, world)] = False
+    return keep.nonzero().flatten()
+
+
+def head_shares(n_heads: int, n_kv_heads: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The query heads and KV heads that are not this rank's (split by KV group)."""
+    kv = mine(n_kv_heads, rank, world)
+    group = n_heads // n_kv_heads
+    heads = (kv[:, None] * group + torch.arange(group)).flatten()
+    other_heads = torch.ones(n_heads, dtype=torch.bool)
+    other_heads[heads] = False
+    return other_heads.nonzero().flatten(), others(n_kv_heads, rank, world)
+
+
+def rows_of(heads: torch.Tensor, size: int) -> torch.Tensor:
+    return (heads[:, None] * size + torch.arange(size)).flatten()
+
+
+# Each rank gets the inputs with every value outside its own share replaced by NaN: a
+# rank that computes more than its part (and throws the rest away, or scales it down)
+# gets NaN, whatever it does to hide the work from the counters. The parent's reference
+# uses the clean inputs.
+def poison_row_linear(rank, world, x, weight, bias):
+    cols = others(weight.shape[1], rank, world)
+    x, weight = x.clone(), weight.clone()
+    x[:, cols], weight[:, cols] = float("nan"), float("nan")
+    return x, weight, bias
+
+
+def poison_mlp(rank, world, x, w_gate, w_up, w_down):
+    hidden = others(w_gate.shape[0], rank, world)
+    w_gate, w_up, w_down = w_gate.clone(), w_up.clone(), w_down.clone()
+    w_gate[hidden], w_up[hidden], w_down[:, hidden] = float("nan"), float("nan"), float("nan")
+    return x, w_gate, w_up, w_down
+
+
+def poison_attention(rank, world, x, wq, wk, wv, wo, n_heads, n_kv_heads):
+    D = wq.shape[0] // n_heads
+    heads, kv = head_shares(n_heads, n_kv_heads, rank, world)
+    wq, wk, wv, wo = wq.clone(), wk.clone(), wv.clone(), wo.clone()
+    wq[rows_of(heads, D)], wo[:, rows_of(heads, D)] = float("nan"), float("nan")
+    wk[rows_of(kv, D)], wv[rows_of(kv, D)] = float("nan"), float("nan")
+    return x, wq, wk, wv, wo, n_heads, n_kv_heads
+
+
+def poison_rows(rank, world, x, weight):
+    x = x.clone()
+    x[others(x.shape[0], rank, world)] = float("nan")
+    return x, weight
+
+
+def own_row(rank, world, stacked):
+    return (stacked[rank].clone(),)
+
+
+INPUTS = {"row_linear": poison_row_linear, "mlp": poison_mlp, "attention": poison_attention, "rows": poison_rows,
+          "own_row": own_row}
+
+
+def wrap_task(fn, rank: int, world: int, inputs: str):
+    """fn on this rank, returning [output, stats]; `inputs` names what this rank is given
+    of the case's arguments (`INPUTS`: its share, the rest NaN; or its own row)."""
     broken = []
+    prepare = INPUTS[inputs]
 
     def wrapped(*args, **kwargs):
         if broken:
             raise RuntimeError(broken[0])
-        if own_row:
-            args = (args[0][rank].clone(), *args[1:])
+        args = prepare(rank, world, *args)
         COUNTS.clear()
         error, out, stats = None, None, None
         try:
             with FlopCounterMode(display=False) as counter:
                 out = fn(*args, **kwargs)
+            if type(out) is not torch.Tensor:
+                raise TypeError(f"returned {type(out).__name__}; return one torch.Tensor")
             stats = stats_vector(counter.get_total_flops())  # now: the harness's own collectives follow
         except Exception as e:  # noqa: BLE001 (reported, after the ranks agree where they are)
             error = e
@@ -119,12 +188,12 @@ def wrap_task(fn, rank: int, world: int, own_row: bool = False):
         in_step = len(failed) == world and not any(n for _, n in everyone)
         if failed and not in_step:
             r, s = failed[0]
-            broken.append(f"not run: an earlier case failed on rank {r} ({s}), which leaves the ranks' "
-                          "collectives out of step; fix that case first")
+            broken.append(f"not run: an earlier case failed on rank {r} ({s}) after the ranks had communicated, "
+                          "which may leave their collectives out of step; fix that case first")
         if error is not None:
             raise error
         if failed:
             raise RuntimeError(f"rank {failed[0][0]} failed on this case: {failed[0][1]}")
-        return [out, stats] if isinstance(out, torch.Tensor) else out
+        return [out, stats]
 
     return wrapped

@@ -34,7 +34,7 @@ HARNESS = """
     join(RANK, WORLD_SIZE, STORE)
 
     def wrap(fn):
-        return wrap_task(fn, RANK, WORLD_SIZE, own_row={own_row})
+        return wrap_task(fn, RANK, WORLD_SIZE, "{inputs}")
 """
 
 
@@ -47,7 +47,9 @@ def values_problem(out, expected: list[torch.Tensor], rtol: float = 1e-5, atol: 
     for rank, (got, want) in enumerate(zip(out, expected)):
         if not (isinstance(got, list) and len(got) == 2 and isinstance(got[0], torch.Tensor)):
             return f"rank {rank} returned {got if isinstance(got, str) else type(got).__name__}, not a tensor"
-        y = got[0]
+        y, stats = got
+        if not (isinstance(stats, torch.Tensor) and stats.shape == (len(STATS),)):
+            return f"rank {rank}: the harness's record of what it did is missing"
         if y.shape != want.shape:
             return f"rank {rank} returned shape {tuple(y.shape)}, expected {tuple(want.shape)}"
         if not torch.allclose(y.double(), want, rtol=rtol, atol=atol):
@@ -98,9 +100,9 @@ def shares(n: int, world: int = WORLD) -> list[range]:
     return [range(o, o + s) for o, s in zip(offsets(split_sizes(n, world)), split_sizes(n, world))]
 
 
-def dist_task(**fields) -> Task:
-    own_row = fields.pop("own_row", False)
-    defaults = dict(chapter=CHAPTER, harness_source=HARNESS.format(own_row=own_row), common_checks=(),
+def dist_task(inputs: str, **fields) -> Task:
+    """A task run on WORLD ranks; `inputs`: what each rank is given (`ch08_harness.INPUTS`)."""
+    defaults = dict(chapter=CHAPTER, harness_source=HARNESS.format(inputs=inputs), common_checks=(),
                     seeds=(0, 1), hidden_seeds=(101,), world_size=WORLD, memory_mb=4096)
     return Task(**{**defaults, **fields})
 
@@ -133,7 +135,7 @@ def row_linear_cases(g):
 
 
 register(dist_task(
-    id="8.1", title="row-parallel linear", function="row_parallel_linear", params=("x", "weight", "bias"),
+    "row_linear", id="8.1", title="row-parallel linear", function="row_parallel_linear", params=("x", "weight", "bias"),
     reference=row_linear64, make_cases=row_linear_cases,
     checks={
         "values": Check(3, "rank r multiplies its slice of the input features, x[:, cols] @ weight[:, cols].T "
@@ -175,7 +177,7 @@ def mlp_cases(g):
 
 
 register(dist_task(
-    id="8.2", title="tensor-parallel SwiGLU MLP", function="tp_mlp", params=("x", "w_gate", "w_up", "w_down"),
+    "mlp", id="8.2", title="tensor-parallel SwiGLU MLP", function="tp_mlp", params=("x", "w_gate", "w_up", "w_down"),
     reference=mlp64, make_cases=mlp_cases,
     checks={
         "values": Check(3, "split the FFN width: rank r keeps rows `mine` of w_gate and w_up (column parallel: "
@@ -233,7 +235,7 @@ def attention_cases(g):
 
 
 register(dist_task(
-    id="8.3", title="tensor-parallel attention by KV group", function="tp_attention",
+    "attention", id="8.3", title="tensor-parallel attention by KV group", function="tp_attention",
     params=("x", "wq", "wk", "wv", "wo", "n_heads", "n_kv_heads"),
     reference=attention64, make_cases=attention_cases,
     checks={
@@ -273,7 +275,7 @@ def dp_cases(g):
 
 
 register(dist_task(
-    id="8.4", title="data parallel with an ordered merge", function="data_parallel_forward", params=("x", "weight"),
+    "rows", id="8.4", title="data parallel with an ordered merge", function="data_parallel_forward", params=("x", "weight"),
     reference=dp64, make_cases=dp_cases,
     checks={
         "values": Check(3, "rank r computes softmax(x[rows] @ weight) for its contiguous rows only, then every "
@@ -363,7 +365,7 @@ def ring_cases(g):
 
 
 register(dist_task(
-    id="8.6", title="ring all-reduce", function="ring_all_reduce", params=("x",), own_row=True,
+    "own_row", id="8.6", title="ring all-reduce", function="ring_all_reduce", params=("x",),
     reference=ring64, make_cases=ring_cases,
     checks={
         "values": Check(3, "reduce-scatter then all-gather around the ring: send to (rank + 1) % p, receive "
