@@ -52,7 +52,17 @@ CHEATS = {
 
         def softmax_rows(x, out):
             copy_kernel[(1,)](x, out, x.shape[1], BLOCK=16)
-    """), "uses th"),
+    """), "imports torch as th"),  # refused by the scan: an alias would slip past the name checks
+    "a kernel that reaches torch": (textwrap.dedent("""
+        import torch
+
+        @triton.jit
+        def copy_kernel(x_ptr, out_ptr, n_cols, BLOCK: tl.constexpr):
+            torch.manual_seed(0)
+
+        def softmax_rows(x, out):
+            copy_kernel[(1,)](x, out, x.shape[1], BLOCK=16)
+    """), "uses torch"),
     "a tensor passed as a tl.constexpr": (textwrap.dedent("""
         @triton.jit
         def holder_kernel(x_ptr, X: tl.constexpr):
