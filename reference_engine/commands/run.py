@@ -44,7 +44,7 @@ def cmd_generate(args) -> int:
     if args.parallel or args.micro_batches != 1:
         return generate_parallel(args)
     model, tokenizer, _ = load(args)
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}]) if args.chat else t for t in args.prompt]
+    texts = prompt_texts(args, tokenizer)
     if len(texts) == 1:
         g = stream_reply(model, tokenizer, tokenizer.encode(texts[0]), args)
     else:
@@ -58,6 +58,11 @@ def cmd_generate(args) -> int:
     print(f"[{n} tokens, {', '.join(sorted(set(g.finish_reasons)))}; first token after {g.prefill_s * 1e3:.0f} ms, "
           f"then {rate:.1f} steps/s]", file=sys.stderr)
     return 0
+
+
+def prompt_texts(args, tokenizer) -> list[str]:
+    """The prompts as given, or wrapped in the chat template with --chat."""
+    return [tokenizer.apply_chat_template([{"role": "user", "content": t}]) if args.chat else t for t in args.prompt]
 
 
 def generate_parallel(args) -> int:
@@ -79,7 +84,7 @@ def generate_parallel(args) -> int:
     set_threads(args)
     rank, world = init_from_env(args.dist_timeout)
     tokenizer = load_tokenizer(args.model)
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}]) if args.chat else t for t in args.prompt]
+    texts = prompt_texts(args, tokenizer)
     try:
         result = generate_on_rank(args.parallel, [tokenizer.encode(t) for t in texts], args.max_new_tokens,
                                   args.model, args.micro_batches, stop_ids(tokenizer))

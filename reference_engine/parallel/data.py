@@ -12,21 +12,13 @@ from __future__ import annotations
 from ..generate import generate
 from ..model import Transformer
 from .comm import Comm
-from .tensor import offsets, split_sizes
-
-
-def my_share(n: int, rank: int, world: int) -> range:
-    """The contiguous rows rank `rank` handles; shares differ by at most one.
-    Example: 5 prompts, 2 ranks -> range(0, 3) and range(3, 5)."""
-    sizes = split_sizes(n, world)
-    return range(offsets(sizes)[rank], offsets(sizes)[rank] + sizes[rank])
+from .tensor import shares
 
 
 def data_parallel_generate(model: Transformer, comm: Comm, prompts: list[list[int]], max_new_tokens: int,
                            stop_ids=()) -> list[list[int]]:
     """Greedy tokens for every prompt, in the prompts' order, on every rank."""
-    share = my_share(len(prompts), comm.rank, comm.world)
-    mine = [prompts[i] for i in share]
+    mine = [prompts[i] for i in shares(len(prompts), comm.world)[comm.rank]]  # contiguous, sizes differ by <= 1
     tokens = generate(model, mine, max_new_tokens=max_new_tokens, stop_ids=stop_ids).tokens if mine else []
     parts = comm.all_gather_object(tokens)  # rank order is prompt order: shares are contiguous
     return [t for part in parts for t in part]

@@ -28,7 +28,7 @@ from ..generate import pad_left
 from ..kv_cache import KVCache
 from ..model import Transformer
 from .comm import Comm
-from .tensor import offsets, split_sizes
+from .tensor import shares
 
 
 def gpipe_schedule(n_stages: int, n_micro: int) -> list[list[int | None]]:
@@ -48,8 +48,7 @@ def stage_layers(n_layers: int, n_stages: int) -> list[range]:
     if not 1 <= n_stages <= n_layers:
         raise DojoError(f"pipeline parallel puts whole blocks on each stage and this model has {n_layers}: "
                         f"use 1 to {n_layers} ranks, not {n_stages}")
-    sizes = split_sizes(n_layers, n_stages)
-    return [range(o, o + n) for o, n in zip(offsets(sizes), sizes)]
+    return shares(n_layers, n_stages)
 
 
 def keep_stage(model: Transformer, rank: int, world: int) -> range:
@@ -92,7 +91,7 @@ def measured_bubble(timeline: list[tuple], n_stages: int) -> float:
 
 @torch.inference_mode()
 def pipeline_generate(model: Transformer, comm: Comm, prompts: list[list[int]], max_new_tokens: int,
-                      n_micro: int, stop_ids=(), layers: range | None = None) -> PipelineRun:
+                      n_micro: int, stop_ids=()) -> PipelineRun:
     """Greedy generation through the pipe. `model` holds this stage's blocks (`keep_stage`)."""
     rank, world = comm.rank, comm.world
     if not 1 <= n_micro <= len(prompts):
@@ -105,15 +104,16 @@ def pipeline_generate(model: Transformer, comm: Comm, prompts: list[list[int]], 
         raise DojoError(f"the prompt has {longest} tokens but the model's context is {c.max_seq_len}")
     max_new_tokens = min(max_new_tokens, c.max_seq_len - longest)  # as `generate`: prompt and output fit
     micro = []
-    for start, size in zip(offsets(split_sizes(len(prompts), n_micro)), split_sizes(len(prompts), n_micro)):
-        ids, valid, positions = pad_left(prompts[start:start + size])
+    for rows in shares(len(prompts), n_micro):
+        ids, valid, positions = pad_left(prompts[rows.start:rows.stop])
+        size = len(rows)
         longest = ids.shape[1]
         key_valid = None
         if not bool(valid.all()):
             key_valid = torch.ones(size, longest + max_new_tokens, dtype=torch.bool)
             key_valid[:, :longest] = valid
         caches = [KVCache(size, c.n_kv_heads, longest + max_new_tokens, c.head_dim) for _ in model.layers]
-        micro.append(MicroBatch(range(start, start + size), ids, positions, key_valid, longest, caches))
+        micro.append(MicroBatch(rows, ids, positions, key_valid, longest, caches))
     stops = frozenset(stop_ids)
     tokens: list[list[int]] = [[] for _ in prompts]
     done = torch.zeros(len(prompts), dtype=torch.bool)

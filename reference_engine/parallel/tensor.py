@@ -38,9 +38,13 @@ def split_sizes(n: int, parts: int) -> list[int]:
     return [base + (i < extra) for i in range(parts)]
 
 
-def offsets(sizes: list[int]) -> list[int]:
-    """Where each share starts. Example: [4, 3, 3] -> [0, 4, 7]."""
-    return [sum(sizes[:i]) for i in range(len(sizes))]
+def shares(n: int, parts: int) -> list[range]:
+    """range(n) cut by `split_sizes`, in order: what each rank (stage, micro-batch) takes.
+    Example: 10, 3 -> [range(0, 4), range(4, 7), range(7, 10)]."""
+    starts = [0]
+    for size in split_sizes(n, parts):
+        starts.append(starts[-1] + size)
+    return [range(a, b) for a, b in zip(starts, starts[1:])]
 
 
 def kv_group_split(n_heads: int, n_kv_heads: int, world: int) -> list[tuple[range, range]]:
@@ -50,8 +54,7 @@ def kv_group_split(n_heads: int, n_kv_heads: int, world: int) -> list[tuple[rang
         raise DojoError(f"tensor parallel splits attention by KV group, and this model has {n_kv_heads} KV "
                         f"heads: use 1 to {n_kv_heads} ranks, not {world} (pipeline or data parallel take more)")
     group = n_heads // n_kv_heads
-    kv_sizes = split_sizes(n_kv_heads, world)
-    return [(range(k0 * group, (k0 + n) * group), range(k0, k0 + n)) for k0, n in zip(offsets(kv_sizes), kv_sizes)]
+    return [(range(kv.start * group, kv.stop * group), kv) for kv in shares(n_kv_heads, world)]
 
 
 class RowParallelLinear(nn.Module):
@@ -100,8 +103,8 @@ def shard_model(model: Transformer, comm: Comm) -> Transformer:
     if c.norm != "rmsnorm" or c.pos_encoding != "rope" or c.mlp != "swiglu":
         raise DojoError("tensor parallel is built for the Llama family (RMSNorm, RoPE, SwiGLU)")
     heads, kv_heads = kv_group_split(c.n_heads, c.n_kv_heads, world)[rank]
-    ffn = split_sizes(c.ffn_dim, world)
-    ffn_rows = torch.arange(offsets(ffn)[rank], offsets(ffn)[rank] + ffn[rank])
+    ffn = shares(c.ffn_dim, world)[rank]
+    ffn_rows = torch.arange(ffn.start, ffn.stop)
     D = c.head_dim
     q_rows = torch.arange(heads.start * D, heads.stop * D)
     k_rows = c.n_heads * D + torch.arange(kv_heads.start * D, kv_heads.stop * D)
@@ -113,11 +116,11 @@ def shard_model(model: Transformer, comm: Comm) -> Transformer:
         attn.n_heads, attn.n_kv_heads = len(heads), len(kv_heads)
         mlp.w13 = _column(mlp.w13, torch.cat([ffn_rows, c.ffn_dim + ffn_rows]))  # rows [gate; up]
         mlp.w2 = RowParallelLinear(mlp.w2.weight.detach()[:, ffn_rows], mlp.w2.bias, comm)
-    vocab = split_sizes(c.vocab_size, world)
+    vocab = shares(c.vocab_size, world)
     head = model.lm_head.weight if "lm_head" in model._modules else model.tok_embeddings.weight
-    model.lm_head = VocabParallelHead(head.detach()[offsets(vocab)[rank]:][:vocab[rank]], vocab, comm)
+    model.lm_head = VocabParallelHead(head.detach()[vocab[rank].start:vocab[rank].stop], [len(v) for v in vocab], comm)
     model.tied_head_packed = None
-    model.config = replace(c, n_heads=len(heads), n_kv_heads=len(kv_heads), ffn_dim=ffn[rank])
+    model.config = replace(c, n_heads=len(heads), n_kv_heads=len(kv_heads), ffn_dim=len(ffn))
     model.pack_for_cpu()  # packed copies of the shards (the whole model's are dropped with it)
     return model
 

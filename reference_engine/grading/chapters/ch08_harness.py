@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.flop_counter import FlopCounterMode
 
+from ...parallel.tensor import shares
+
 TIMEOUT_S = 4  # a collective with a missing peer fails after this (every wait is bounded)
 STATS = ("all_reduce", "all_gather", "other_collectives", "messages_sent", "messages_received", "bytes_sent",
          "flops")
@@ -90,8 +92,9 @@ def stats_vector(flops: int) -> torch.Tensor:
 
 
 def mine(n: int, rank: int, world: int) -> torch.Tensor:
-    """This rank's contiguous share of range(n) (torch.tensor_split's rule)."""
-    return torch.tensor_split(torch.arange(n), world)[rank]
+    """This rank's contiguous share of range(n) (torch.tensor_split's rule, `parallel.tensor.shares`)."""
+    share = shares(n, world)[rank]
+    return torch.arange(share.start, share.stop)
 
 
 def others(n: int, rank: int, world: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ parent judges every rank's output against a float64 reference, then what each ra
 how many all-reduces, how many messages and bytes, and whether it did only its share of
 the work (a rank that computes everything and throws most away is not parallel).
 Shares are contiguous and the first ranks take one more when a size does not divide:
-torch.tensor_split's rule, the engine's too (`parallel.tensor.split_sizes`).
+torch.tensor_split's rule, the engine's too (`parallel.tensor.shares`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ...parallel.pipeline import gpipe_schedule as engine_schedule
-from ...parallel.tensor import kv_group_split, offsets, split_sizes
+from ...parallel.tensor import kv_group_split, shares
 from ..tasks import Case, Check, Task, register
 
 CHAPTER = "ch08_parallel_inference"
@@ -94,10 +94,6 @@ def share_of_work(flops_for_rank):
                         "it computes more than its part")
         return None
     return check
-
-
-def shares(n: int, world: int = WORLD) -> list[range]:
-    return [range(o, o + s) for o, s in zip(offsets(split_sizes(n, world)), split_sizes(n, world))]
 
 
 def dist_task(inputs: str, **fields) -> Task:
