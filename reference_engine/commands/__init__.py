@@ -3,6 +3,7 @@
     run.py        generate, chat, demo, speculate
     measure.py    perplexity, bench, gpu-figures, build-kernels
     compress.py   prune, distill
+    serving.py    serve, loadtest, bench-serve
     classroom.py  grade, progress, grade-class, make-exercises
     common.py     the model options, loading, the chat helpers
 """

@@ -1,0 +1,111 @@
+"""Serving, measured: the same load against the three batching policies, one run.
+
+Each policy gets its own server process (`serve --batching ...`, started and stopped here)
+and the same requests (the same prompts and max_tokens, greedy, so every policy writes the
+same tokens); the load generator runs in this process. Only the ratios between policies
+measured side by side mean anything on a shared machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+from ..errors import DojoError
+from .loadtest import run_load, summarize, workload
+from .scheduler import POLICIES
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`python -m reference_engine serve ...` on 127.0.0.1, ready when /health answers.
+    Example: with ServerProcess(["--batching", "static"]) as server: server.url."""
+
+    def __init__(self, extra_args: list[str] = (), port: int | None = None, startup_timeout: float = 120.0):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.args = [sys.executable, "-m", "reference_engine", "serve", "--host", "127.0.0.1",
+                     "--port", str(self.port), *extra_args]
+        self.startup_timeout = startup_timeout
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "ServerProcess":
+        import httpx
+
+        self.log = tempfile.TemporaryFile("w+")  # not a pipe: a chatty server must never block on it
+        self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT, text=True,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise DojoError(f"the server exited at start: {self.output()[-500:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise DojoError(f"the server did not answer /health within {self.startup_timeout:.0f} s")
+
+    def output(self) -> str:
+        """What the server printed so far."""
+        self.log.seek(0)
+        return self.log.read().strip()
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM, then wait; returns the exit code."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.terminate()
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise DojoError(f"the server did not stop within {timeout:.0f} s of SIGTERM") from None
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def compare_batching(policies: list[str], concurrency: int = 8, n_requests: int = 64, seed: int = 0,
+                     max_tokens: str = "exp:64", server_args: list[str] = (), progress: bool = True) -> dict[str, dict]:
+    """For each policy: a fresh server, the same closed-loop load. Returns policy -> summary."""
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown:
+        raise DojoError(f"unknown batching policy {unknown[0]!r}; choose from {', '.join(POLICIES)}")
+    bodies = workload(n_requests, seed, max_tokens)
+    results = {}
+    for policy in policies:
+        with ServerProcess(["--batching", policy, "--max-batch", str(concurrency), *server_args]) as server:
+            outcomes, wall = asyncio.run(run_load(server.url, "smollm2-135m-instruct", bodies,
+                                                  concurrency=concurrency, progress=progress))
+        results[policy] = summarize(outcomes, wall)
+        if progress:
+            s = results[policy]
+            print(f"{policy:>11}: {s['tokens_per_s']:.1f} tokens/s, TTFT p99 {s['ttft']['p99'] * 1e3:.0f} ms",
+                  file=sys.stderr)
+    return results
+
+
+def format_comparison(results: dict[str, dict]) -> str:
+    base = results.get("continuous")
+    head = f"{'batching':>11}  {'tokens/s':>9}  {'vs it':>6}  {'TTFT p50':>9}  {'TTFT p99':>9}  {'TPOT p50':>9}  done"
+    lines = [head]
+    for policy, s in results.items():
+        ratio = base["tokens_per_s"] / s["tokens_per_s"] if base and s["tokens_per_s"] else float("nan")
+        lines.append(f"{policy:>11}  {s['tokens_per_s']:9.1f}  {ratio:5.2f}x  {s['ttft']['p50'] * 1e3:7.0f}ms  "
+                     f"{s['ttft']['p99'] * 1e3:7.0f}ms  {s['tpot']['p50'] * 1e3:7.0f}ms  "
+                     f"{s['completed']}/{s['requests']}")
+    lines.append("vs it: continuous batching's tokens/s divided by this policy's")
+    return "\n".join(lines)

@@ -1,0 +1,137 @@
+"""One forward over a continuous batch: ragged chunks, keys and values in a paged pool.
+
+A step of continuous batching mixes requests at different places: some feed one token
+(decoding), some a chunk of their prompt, each at its own position and with its own
+history. `Transformer.forward` takes a rectangular batch with one cache slot for every row,
+which this does not fit. `forward_step` runs the same modules on the step's tokens laid end
+to end, one row of N tokens:
+
+  - every matmul (Q/K/V, output projection, MLP, head) sees all N tokens at once, which is
+    where batching pays: the weights are read once per step, not once per request;
+  - RoPE uses each token's own position;
+  - keys and values are written into the pool at each token's slot, found through its
+    request's block table: slot = table[pos // block_size] * block_size + pos % block_size;
+  - attention is the only per-request part: the decoding requests are gathered into one
+    padded batch (one query each, keys masked past each one's length), each prompt chunk
+    attends to its own keys causally. A paged-attention kernel reads the blocks in place;
+    this readable version gathers them, which costs a copy per layer.
+
+The result is the logits of the last token of each chunk that samples (`Step.samples`).
+Greedy outputs equal what each request gets alone: the rows never mix (tests check it).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import DojoError
+from ..model import Transformer
+
+
+def gather(pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """pool[slots]: rows of the pool (S, KV, D) at slots of any shape -> (*slots.shape, KV, D).
+    index_select on a 2-D view is the same copy as pool[slots], about 3x faster here."""
+    rows = pool.view(pool.shape[0], -1).index_select(0, slots.reshape(-1))
+    return rows.view(*slots.shape, *pool.shape[1:])
+
+
+class PagedRunner:
+    """The KV pool of every layer, (n_blocks * block_size, n_kv_heads, head_dim) each, and the
+    forward that reads and writes it."""
+
+    def __init__(self, model: Transformer, n_blocks: int, block_size: int):
+        c = model.config
+        if c.pos_encoding == "alibi":
+            raise DojoError("serving takes models with RoPE, learned or sinusoidal positions; ALiBi's "
+                            "per-request distance mask is not built here")
+        self.model, self.block_size = model, block_size
+        p = model.tok_embeddings.weight
+        shape = (n_blocks * block_size, c.n_kv_heads, c.head_dim)
+        self.k_pool = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in model.layers]
+        self.v_pool = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in model.layers]
+
+    @property
+    def bytes_per_token(self) -> int:
+        """K and V of one token in every layer."""
+        k = self.k_pool[0]
+        return 2 * len(self.k_pool) * k[0].numel() * k.element_size()
+
+    def slots(self, table: list[int], positions: range) -> torch.Tensor:
+        """Pool rows of these positions of a request. Example: block_size 4, table [7, 2]:
+        positions 3..5 -> [7*4+3, 2*4+0, 2*4+1] = [31, 8, 9]."""
+        bs = self.block_size
+        return torch.tensor([table[p // bs] * bs + p % bs for p in positions], dtype=torch.long)
+
+    @torch.inference_mode()
+    def forward_step(self, chunks: list[tuple[list[int], int, list[int], bool]]) -> torch.Tensor:
+        """chunks: (token ids, position of the first, block table, sample?) per request.
+        Returns float32 logits (number of chunks that sample, vocab), in chunk order."""
+        model = self.model
+        device = model.tok_embeddings.weight.device
+        ids = torch.tensor([t for tokens, *_ in chunks for t in tokens], device=device)[None]  # (1, N)
+        spans = [range(start, start + len(tokens)) for tokens, start, *_ in chunks]
+        positions = torch.tensor([p for span in spans for p in span], device=device)[None]  # (1, N)
+        new_slots = torch.cat([self.slots(c[2], span) for c, span in zip(chunks, spans)]).to(device)  # (N,)
+        plan = self._attention_plan(chunks, spans, device)
+        x, rope, _ = model.embed(ids, 0, positions, None)  # (1, N, d_model); RoPE at each token's position
+        for i, layer in enumerate(model.layers):
+            h = layer.attn_norm(x)
+            x = x + self._attention(layer.attn, h, rope, self.k_pool[i], self.v_pool[i], new_slots, plan)
+            x = x + layer.mlp(layer.ffn_norm(x))
+        ends = [sum(len(c[0]) for c in chunks[: j + 1]) - 1 for j, c in enumerate(chunks) if c[3]]
+        return model.head(model.norm(x[:, ends]))[0]  # (n sampled, vocab)
+
+    def _attention_plan(self, chunks, spans, device) -> tuple:
+        """Which tokens attend to which pool rows, worked out once for all layers:
+        (decode token indices, their key slots (B, L) padded, mask (B, 1, 1, L)) and, per
+        prompt chunk, (its token indices, its key slots, mask or None when plain causal)."""
+        offsets, n = [], 0
+        for tokens, *_ in chunks:
+            offsets.append(n)
+            n += len(tokens)
+        decodes = [j for j, c in enumerate(chunks) if len(c[0]) == 1]
+        decode = None
+        if decodes:
+            keys = [self.slots(chunks[j][2], range(spans[j].stop)) for j in decodes]
+            L = max(len(k) for k in keys)
+            slots = torch.zeros(len(keys), L, dtype=torch.long)  # (B, L): padding reads row 0, masked out
+            valid = torch.zeros(len(keys), L, dtype=torch.bool)
+            for b, k in enumerate(keys):
+                slots[b, : len(k)], valid[b, : len(k)] = k, True
+            mask = None if bool(valid.all()) else valid[:, None, None, :].to(device)
+            decode = (torch.tensor([offsets[j] for j in decodes], device=device), slots.to(device), mask)
+        prompts = []
+        for j, (tokens, start, table, _) in enumerate(chunks):
+            if len(tokens) > 1:
+                T, L = len(tokens), spans[j].stop
+                # queries are the last T of L keys: query i sees keys 0 .. start + i
+                mask = None if start == 0 else torch.ones(T, L, dtype=torch.bool, device=device).tril(start)
+                prompts.append((range(offsets[j], offsets[j] + T), self.slots(table, range(L)).to(device), mask))
+        return decode, prompts
+
+    @staticmethod
+    def _attention(attn, h: torch.Tensor, rope, k_pool, v_pool, new_slots, plan) -> torch.Tensor:
+        """`Attention.forward` for ragged chunks: the same projections and RoPE, keys and values
+        written to the pool, then attention per group (module docstring)."""
+        _, N, _ = h.shape
+        H, KV, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
+        qkv = attn.wqkv(h).view(1, N, H + 2 * KV, D)  # (1, N, H+2KV, D)
+        qk, v = qkv[:, :, : H + KV], qkv[0, :, H + KV :]
+        if attn.rope_layout is not None:
+            qk = attn.rotate(qk, *rope, attn.rope_layout)
+        q, k = qk[0, :, :H], qk[0, :, H:]  # (N, H, D), (N, KV, D)
+        k_pool.index_copy_(0, new_slots, k)  # each new token's K and V into its pool row
+        v_pool.index_copy_(0, new_slots, v)
+        y = torch.empty(N, H, D, dtype=h.dtype, device=h.device)
+        decode, prompts = plan
+        if decode is not None:
+            rows, slots, mask = decode
+            keys = gather(k_pool, slots).transpose(1, 2)  # (B, L, KV, D) -> (B, KV, L, D)
+            values = gather(v_pool, slots).transpose(1, 2)
+            y[rows] = attn.attend(q[rows][:, :, None], keys, values, mask, False)[:, :, 0]  # (B, H, D)
+        for rows, slots, mask in prompts:
+            keys = gather(k_pool, slots).transpose(0, 1)[None]  # (L, KV, D) -> (1, KV, L, D)
+            values = gather(v_pool, slots).transpose(0, 1)[None]
+            qs = q[rows.start : rows.stop].transpose(0, 1)[None]  # (1, H, T, D)
+            y[rows.start : rows.stop] = attn.attend(qs, keys, values, mask, mask is None)[0].transpose(0, 1)
+        return attn.wo(y.view(1, N, H * D))

@@ -1,0 +1,211 @@
+"""Chapter 9's engine: the continuous-batching scheduler (invariants over scripted and random
+traces) and the paged ragged forward (each request's output equals what it gets alone)."""
+
+import random
+
+import pytest
+
+from reference_engine.errors import DojoError
+from reference_engine.generate import generate
+from reference_engine.serve.engine import Engine
+from reference_engine.serve.scheduler import RUNNING, Request, SamplingParams, Scheduler
+from tiny_gguf import random_model
+
+
+def req(rid, n_prompt, max_tokens=4, **kw):
+    return Request(rid, list(range(1, n_prompt + 1)), SamplingParams(max_tokens=max_tokens, **kw))
+
+
+def run(s: Scheduler, token=7, arrivals=None, max_steps=10_000, check=None):
+    """Drive a scheduler with a fake model that always samples `token`; arrivals maps a step
+    number to requests added before it. Returns the finished requests in order."""
+    arrivals, done = dict(arrivals or {}), []
+    while s.has_work or arrivals:
+        for r in arrivals.pop(s.steps, []):
+            s.add(r)
+        step = s.schedule()
+        if check:
+            check(s, step)
+        done += s.update(step, {r.rid: token for r, n in step.chunks if step.samples(r, n)})
+        assert s.steps < max_steps, "the scheduler made no progress"
+    return done
+
+
+def invariants(s: Scheduler, step) -> None:
+    """What must hold after every schedule(): the budgets, and the pool's books."""
+    assert sum(n for _, n in step.chunks) <= s.token_budget
+    assert len(s.running) <= s.max_running
+    tables = [b for r in s.running for b in r.blocks] + [b for r in s.waiting for b in r.blocks]
+    assert len(tables) == len(set(tables)), "a block is in two block tables"
+    assert not set(tables) & set(s.pool.free), "a block is both free and in a table"
+    assert len(tables) + len(s.pool.free) == s.pool.n_blocks, "a block was lost"
+    for r, n in step.chunks:
+        assert r.status == RUNNING and n >= 1
+        assert len(r.blocks) * s.pool.block_size >= r.computed + n, "a chunk has no slot to write into"
+    assert all(not r.blocks and r.computed == 0 for r in s.waiting), "a waiting request holds blocks"
+
+
+def test_chunked_prefill_follows_the_docstring_example():
+    s = Scheduler(n_blocks=8, block_size=4, token_budget=8)
+    s.add(req("A", 6))
+    s.add(req("B", 5))
+    first = s.schedule()
+    assert [(r.rid, n) for r, n in first.chunks] == [("A", 6), ("B", 2)]
+    assert first.samples(*first.chunks[0]) and not first.samples(*first.chunks[1])
+    s.update(first, {"A": 9})
+    second = s.schedule()
+    assert [(r.rid, n) for r, n in second.chunks] == [("A", 1), ("B", 3)]
+    assert all(second.samples(r, n) for r, n in second.chunks)
+
+
+def test_requests_join_and_leave_at_every_step():
+    s = Scheduler(n_blocks=64, block_size=4, token_budget=64)
+    done = run(s, arrivals={0: [req("long", 3, max_tokens=20)], 5: [req("short", 3, max_tokens=2)]},
+               check=invariants)
+    assert [r.rid for r in done] == ["short", "long"]
+    joined = next(e for e in s.log if "short" in e["admitted"])
+    assert joined["step"] == 5 and ("long", 1) in joined["run"], "a new request waited for the batch"
+    assert s.log[-1]["blocks_used"] == 0 and not s.pool.used
+
+
+def test_static_batching_waits_for_the_whole_batch():
+    s = Scheduler(n_blocks=64, block_size=4, token_budget=64, max_running=4, policy="static")
+    run(s, arrivals={0: [req("a", 3, 20), req("b", 3, 2)], 3: [req("c", 3, 2)]}, check=invariants)
+    admitted = {rid: e["step"] for e in s.log for rid in e["admitted"]}
+    finished = {rid: e["step"] for e in s.log for rid in e["finished"]}
+    assert admitted["a"] == admitted["b"] == 0
+    assert admitted["c"] > finished["a"], "static batching let a request join a running batch"
+
+
+def test_sequential_runs_one_request_at_a_time():
+    s = Scheduler(n_blocks=64, block_size=4, policy="sequential", max_running=8)
+    run(s, arrivals={0: [req(str(i), 3, 3) for i in range(4)]}, check=invariants)
+    assert max(e["running"] for e in s.log) <= 1 and all(len(e["run"]) == 1 for e in s.log)
+
+
+def test_preemption_takes_the_newest_and_recomputes_it():
+    # 3 blocks of 4 slots: two requests of 4 prompt tokens fit (1 block each); when both
+    # need a second block, only one is free: the newest (b) gives its blocks back.
+    s = Scheduler(n_blocks=3, block_size=4, token_budget=64)
+    a, b = req("a", 4, max_tokens=6), req("b", 4, max_tokens=6)
+    done = run(s, arrivals={0: [a, b]}, check=invariants)
+    preempted = [rid for e in s.log for rid in e["preempted"]]
+    assert preempted and set(preempted) == {"b"}, f"expected only the newest preempted, got {preempted}"
+    assert [r.rid for r in done] == ["a", "b"] and b.preemptions >= 1
+    assert a.output == b.output == [7] * 6, "a preempted request lost or repeated tokens"
+    resumed = next(e for e in s.log if e["step"] > s.log[0]["step"] and ("b", 5) in e["run"])
+    assert resumed, "b was not recomputed from its prompt and its output so far"
+
+
+def test_the_pool_is_the_admission_limit_and_nobody_overtakes():
+    s = Scheduler(n_blocks=4, block_size=4, token_budget=64)
+    s.add(req("big", 12, max_tokens=2))  # 3 blocks for its prompt
+    s.add(req("next", 8, max_tokens=2))  # 2 blocks: does not fit beside big
+    s.add(req("tiny", 1, max_tokens=1))  # would fit, but must not overtake "next"
+    step = s.schedule()
+    assert [r.rid for r, _ in step.chunks] == ["big"]
+    done = run(s, check=invariants)
+    assert {r.rid for r in done} == {"big", "next", "tiny"}
+
+
+def test_random_traces_keep_the_invariants_and_finish_everything():
+    rng = random.Random(0)
+    for trial in range(30):
+        s = Scheduler(n_blocks=rng.randint(4, 12), block_size=rng.choice([2, 4]),
+                      token_budget=rng.randint(1, 24), max_running=rng.randint(1, 6),
+                      policy=rng.choice(["continuous", "continuous", "static"]))
+        arrivals = {}
+        for i in range(rng.randint(1, 10)):
+            n = rng.randint(1, 6)
+            max_tokens = rng.randint(1, min(8, s.capacity - n))
+            arrivals.setdefault(rng.randint(0, 15), []).append(req(f"{trial}.{i}", n, max_tokens))
+        expected = {r.rid: r.params.max_tokens for rs in arrivals.values() for r in rs}
+        done = run(s, arrivals=arrivals, check=invariants)
+        assert {r.rid: len(r.output) for r in done} == expected
+        assert s.pool.used == 0
+
+
+def test_abort_frees_the_blocks_at_once():
+    s = Scheduler(n_blocks=8, block_size=4)
+    s.add(req("x", 9, max_tokens=10))
+    s.update(s.schedule(), {"x": 1})
+    assert s.pool.used == 3
+    assert s.abort("x").finish_reason == "abort"
+    assert s.pool.used == 0 and not s.has_work and s.abort("x") is None
+
+
+def test_a_request_larger_than_the_pool_is_refused_by_name():
+    s = Scheduler(n_blocks=2, block_size=4)
+    with pytest.raises(DojoError, match="r1.*9 cache slots.*8"):
+        s.add(req("r1", 5, max_tokens=4))
+    with pytest.raises(DojoError, match="unknown batching policy"):
+        Scheduler(4, policy="dynamic")
+
+
+# -- the engine on real weights --------------------------------------------------------------
+
+
+def alone(model, prompt, max_tokens):
+    return generate(model, [prompt], max_new_tokens=max_tokens).tokens[0]
+
+
+@pytest.mark.parametrize("n_blocks, block_size, budget, max_running", [
+    (64, 4, 256, 16),  # everything fits: plain continuous batching
+    (64, 4, 3, 16),  # a budget of 3 tokens: prompts cut into chunks, decodes share steps with them
+    (9, 2, 64, 16),  # a pool of 18 slots: preemption and recompute
+    (64, 8, 64, 2),  # two seats
+])
+def test_each_request_gets_what_it_gets_alone(n_blocks, block_size, budget, max_running):
+    model = random_model("tiny", seed=3)  # float64: equal tokens are not luck with rounding
+    rng = random.Random(n_blocks + budget)
+    prompts = {f"r{i}": [rng.randrange(model.config.vocab_size) for _ in range(rng.randint(1, 9))] for i in range(6)}
+    lengths = {rid: rng.randint(1, 7) for rid in prompts}
+    engine = Engine(model, n_blocks=n_blocks, block_size=block_size, token_budget=budget, max_running=max_running)
+    late = {"r4", "r5"}  # arrive while the others run
+    for rid in prompts:
+        if rid not in late:
+            engine.add(Request(rid, prompts[rid], SamplingParams(max_tokens=lengths[rid])))
+    reqs = {}
+    while engine.has_work or late:
+        if engine.scheduler.steps == 3:
+            for rid in sorted(late):
+                engine.add(Request(rid, prompts[rid], SamplingParams(max_tokens=lengths[rid])))
+            late = set()
+        for event in engine.step():
+            reqs[event.request.rid] = event.request
+    for rid, p in prompts.items():
+        assert reqs[rid].output == alone(model, p, lengths[rid]), f"{rid} changed in company"
+    if n_blocks == 9:
+        assert any(e["preempted"] for e in engine.scheduler.log), "the small pool never preempted"
+
+
+def test_sampling_with_a_seed_does_not_depend_on_the_company():
+    model = random_model("tiny", seed=4)
+    params = SamplingParams(max_tokens=6, temperature=1.0, seed=11)
+    solo = Engine(model, n_blocks=32, block_size=4).generate({"x": [5, 6, 7]}, params)["x"]
+    crowd = Engine(model, n_blocks=32, block_size=4).generate(
+        {"a": [1, 2], "x": [5, 6, 7], "b": [9, 9, 9, 9]}, params)
+    assert crowd["x"] == solo
+
+
+def test_smollm_outputs_equal_alone_through_preemption(smollm):
+    model, tok = smollm
+    texts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, there was a", "Water boils at"]
+    prompts = {f"p{i}": tok.encode(t) for i, t in enumerate(texts)}
+    engine = Engine(model, n_blocks=7, block_size=8, token_budget=16)  # 56 slots for 4 x ~20: preempts
+    out = engine.generate(prompts, SamplingParams(max_tokens=12))
+    for rid, p in prompts.items():
+        assert out[rid] == alone(model, p, 12), f"{rid}: {tok.decode(out[rid])!r}"
+    assert any(e["preempted"] for e in engine.scheduler.log)
+    assert any(len(e["run"]) > 1 for e in engine.scheduler.log), "never batched"
+    assert engine.scheduler.pool.used == 0
+
+
+def test_engine_refuses_what_could_never_run(tiny):
+    engine = Engine(tiny, n_blocks=8, block_size=4)
+    with pytest.raises(DojoError, match="empty"):
+        engine.add(Request("e", [], SamplingParams()))
+    with pytest.raises(DojoError, match="context"):
+        engine.add(Request("c", [1] * tiny.config.max_seq_len, SamplingParams(max_tokens=1)))
+    with pytest.raises(DojoError, match="ALiBi"):
+        Engine(random_model("tiny-alibi"), n_blocks=4)
