@@ -126,7 +126,7 @@ def test_a_client_that_hangs_up_frees_its_blocks_at_once(server):
     assert time.monotonic() - t0 < 5.0 and m["dojo_kv_blocks_used"] == 0
 
 
-def test_a_full_queue_answers_429_with_retry_after(server):
+def test_a_full_queue_answers_503_with_retry_after(server):
     body = {"model": MODEL, "prompt": "Write a poem about the sea.", "max_tokens": 40, "temperature": 0}
 
     async def burst():
@@ -140,7 +140,7 @@ def test_a_full_queue_answers_429_with_retry_after(server):
     replies = asyncio.run(burst())
     codes = sorted(r.status_code for r in replies)
     assert codes.count(200) >= 8, codes  # 4 running + 4 waiting are always taken
-    refused = [r for r in replies if r.status_code == 429]
+    refused = [r for r in replies if r.status_code == 503]
     assert refused, f"14 requests at once against 4 seats and 4 queue places were all queued: {codes}"
     assert all(r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "overloaded" for r in refused)
     wait_until_idle(server.url)

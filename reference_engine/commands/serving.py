@@ -29,7 +29,7 @@ def add_commands(sub) -> None:
     s.add_argument("--kv-blocks", type=int, default=512, metavar="N", help="blocks in the KV cache pool")
     s.add_argument("--block-size", type=int, default=16, metavar="N", help="token slots per block")
     s.add_argument("--max-waiting", type=int, default=64, metavar="N",
-                   help="requests queued beyond the running batch; more are answered 429 with Retry-After")
+                   help="requests queued beyond the running batch; more are answered 503 with Retry-After")
     s.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="S",
                    help="on SIGTERM, seconds running requests get to finish before they are cancelled")
     lt = sub.add_parser("loadtest", help="streamed requests against a server: throughput, TTFT, TPOT, "

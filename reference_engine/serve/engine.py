@@ -137,7 +137,7 @@ class EngineLoop:
         self.max_waiting = max_waiting  # requests queued but not yet running, at most
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.listeners: dict[str, Callable[[Event], None]] = {}
-        self.pending = 0  # submitted, not yet finished (read by the server for its 429s)
+        self.pending = 0  # submitted, not yet finished (read by the server for its 503s)
         self.lock = threading.Lock()
         self.stopping = False
         self.busy_s = 0.0

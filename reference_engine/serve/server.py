@@ -12,7 +12,7 @@ open connections cost no threads, and the model sees them all in one batch per s
 
 Bad input never reaches the engine: a body that is not JSON, an unknown field or model,
 a prompt that is empty or too long for the context each get an OpenAI-style error with a
-4xx status. When more than `max_waiting` requests are queued the server answers 429 with
+4xx status. When more than `max_waiting` requests are queued the server answers 503 with
 Retry-After instead of letting the queue (and every waiting client's latency) grow without
 limit. A client that disconnects is aborted at once: its KV blocks go back to the pool.
 
@@ -43,9 +43,10 @@ class Metrics:
     """The Prometheus metrics of one server (its own registry, so tests can run several)."""
 
     def __init__(self, loop: EngineLoop):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
         self.registry = r = CollectorRegistry()
+        ProcessCollector(registry=r)  # process_resident_memory_bytes and friends: does memory grow?
         sched = loop.engine.scheduler
         self.requests = Counter("dojo_requests", "Requests answered, by outcome", ["outcome"], registry=r)
         self.prompt_tokens = Counter("dojo_prompt_tokens", "Prompt tokens of accepted requests", registry=r)
@@ -176,9 +177,9 @@ def create_app(loop: EngineLoop, tokenizer, model_name: str, stop_ids: list[int]
             return fail(400, str(e), param="max_tokens" if len(prompt_ids) < loop.engine.longest else "prompt",
                         code="context_length_exceeded")
         if loop.full or loop.stopping:
-            return fail(429, f"the server is at capacity ({loop.max_waiting} requests waiting); retry shortly",
-                        kind="rate_limit_error" if not loop.stopping else "server_error", code="overloaded",
-                        headers={"Retry-After": "1"})
+            # 503, not 429: the server as a whole is full (429 says this client sent too much)
+            return fail(503, f"the server is at capacity ({loop.max_waiting} requests already waiting); retry "
+                             "shortly", kind="server_error", code="overloaded", headers={"Retry-After": "1"})
         stream = Stream(loop, tokenizer, req, body.stops())
         metrics.prompt_tokens.inc(len(prompt_ids))
         if body.stream:
