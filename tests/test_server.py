@@ -28,7 +28,7 @@ def server():
 def metrics(url: str) -> dict[str, float]:
     text = httpx.get(url + "/metrics").text
     return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
-            if line.startswith("dojo_") and "{" not in line.split()[0]}
+            if line.startswith(("dojo_", "process_")) and "{" not in line.split()[0]}
 
 
 def wait_until_idle(url: str, timeout: float = 20.0) -> dict:
@@ -99,7 +99,10 @@ def test_a_stop_string_ends_the_text_before_it(server):
     ({"model": MODEL, "prompt": "x", "max_tokens": 9000}, 400, "context of 8192"),
     ({"model": MODEL, "prompt": ""}, 400, "empty"),
     ({"model": MODEL, "prompt": ["a", "b"]}, 400, "one string"),
-    ({"model": MODEL, "prompt": "x", "n": 2}, 400, "n"),
+    ({"model": MODEL, "prompt": "x", "n": 2}, 400, "n: Input should be 1"),
+    ({"model": MODEL, "prompt": "x", "seed": 2**70}, 400, "seed"),
+    ({"model": MODEL, "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({"model": MODEL, "prompt": "word " * 300_000}, 400, "characters"),
     ({"model": MODEL, "prompt": "x", "temperature": -1}, 400, "temperature"),
     ({"model": MODEL, "messages": []}, 400, "messages"),
 ])
@@ -124,6 +127,34 @@ def test_a_client_that_hangs_up_frees_its_blocks_at_once(server):
     t0 = time.monotonic()
     m = wait_until_idle(server.url, timeout=5.0)
     assert time.monotonic() - t0 < 5.0 and m["dojo_kv_blocks_used"] == 0
+
+
+def test_a_streamed_stop_string_is_never_sent(server):
+    body = {"model": MODEL, "prompt": "Count: 1, 2, 3, 4,", "max_tokens": 20, "temperature": 0, "stop": [" 7,"],
+            "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    texts = [c["choices"][0]["text"] for c in chunks]
+    whole = httpx.post(server.url + "/v1/completions", json={**body, "stream": False}).json()["choices"][0]
+    assert "".join(texts) == whole["text"] == " 5, 6," and chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert not any(" 7" in t for t in texts)
+
+
+def test_tiny_temperature_is_greedy_and_a_seed_repeats(server):
+    body = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 6}
+    greedy = httpx.post(server.url + "/v1/completions", json={**body, "temperature": 0}).json()
+    tiny = httpx.post(server.url + "/v1/completions", json={**body, "temperature": 1e-40}).json()
+    assert tiny["choices"][0]["text"] == greedy["choices"][0]["text"], tiny
+    seeded = [httpx.post(server.url + "/v1/completions", json={**body, "temperature": 1.0, "seed": 2**63 - 1}).json()
+              for _ in range(2)]
+    assert seeded[0]["choices"][0]["text"] == seeded[1]["choices"][0]["text"]
+
+
+def test_a_non_streaming_client_that_hangs_up_is_aborted(server):
+    body = {"model": MODEL, "prompt": "1, 2, 3, 4, 5,", "max_tokens": 1000, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json=body, timeout=httpx.Timeout(30, read=2.0))
+    wait_until_idle(server.url, timeout=5.0)  # 1000 tokens would take a minute: it was aborted
 
 
 def test_a_full_queue_answers_503_with_retry_after(server):
@@ -157,13 +188,8 @@ def test_loadtest_with_disconnects_leaves_the_pool_empty(server):
         assert (summary["completed"], summary["disconnected"], summary["failed"]) == (9, 3, 0), summary
         assert summary["ttft"]["p99"] >= summary["ttft"]["p50"] > 0 and summary["tokens_per_s"] > 0
         m = wait_until_idle(server.url)
-        rss.append(m["process_resident_memory_bytes"] if "process_resident_memory_bytes" in m else _rss(server))
+        rss.append(m["process_resident_memory_bytes"])  # what /metrics reports, as the README's figure
     assert rss[1] < rss[0] * 1.05 + 20e6, f"the server's memory grew across two identical runs: {rss}"
-
-
-def _rss(server) -> float:
-    with open(f"/proc/{server.proc.pid}/status") as f:
-        return next(float(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS"))
 
 
 def test_metrics_are_prometheus_text(server):

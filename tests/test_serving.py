@@ -4,6 +4,7 @@ traces) and the paged ragged forward (each request's output equals what it gets 
 import random
 
 import pytest
+import torch
 
 from reference_engine.errors import DojoError
 from reference_engine.generate import generate
@@ -97,6 +98,14 @@ def test_preemption_takes_the_newest_and_recomputes_it():
     assert resumed, "b was not recomputed from its prompt and its output so far"
 
 
+def test_a_preempted_request_returns_before_later_arrivals():
+    s = Scheduler(n_blocks=3, block_size=4, token_budget=64, max_running=2)
+    run(s, arrivals={0: [req("a", 4, 6), req("b", 4, 6), req("c", 4, 2)]}, check=invariants)
+    back = next(e["step"] for e in s.log if any("b" in x["preempted"] for x in s.log[: e["step"]]) and "b" in e["admitted"])
+    c_in = next(e["step"] for e in s.log if "c" in e["admitted"])
+    assert back <= c_in, "the preempted request went to the back of the queue"
+
+
 def test_the_pool_is_the_admission_limit_and_nobody_overtakes():
     s = Scheduler(n_blocks=4, block_size=4, token_budget=64)
     s.add(req("big", 12, max_tokens=2))  # 3 blocks for its prompt
@@ -106,6 +115,16 @@ def test_the_pool_is_the_admission_limit_and_nobody_overtakes():
     assert [r.rid for r, _ in step.chunks] == ["big"]
     done = run(s, check=invariants)
     assert {r.rid for r in done} == {"big", "next", "tiny"}
+
+
+def test_a_long_prompt_waits_until_it_fits_whole():
+    # 6 blocks of 4; two requests decode; a 12-token prompt (3 blocks) arrives when only 2 are
+    # free. Admitted on its first chunk it would be the newest and preempted again and again
+    # (3 times here); admitted when its whole prompt fits, a and b's growth preempts it once.
+    s = Scheduler(n_blocks=6, block_size=4, token_budget=4)
+    done = run(s, arrivals={0: [req("a", 4, 8), req("b", 4, 8)], 2: [req("long", 12, 2)]}, check=invariants)
+    assert {r.rid for r in done} == {"a", "b", "long"}
+    assert sum(e["preempted"].count("long") for e in s.log) <= 1, [e for e in s.log if e["preempted"]]
 
 
 def test_random_traces_keep_the_invariants_and_finish_everything():
@@ -201,11 +220,59 @@ def test_smollm_outputs_equal_alone_through_preemption(smollm):
     assert engine.scheduler.pool.used == 0
 
 
+def test_a_failing_forward_ends_only_the_requests_in_its_step(tiny, monkeypatch):
+    engine = Engine(tiny, n_blocks=16, block_size=4, max_running=1)
+    first = engine.add(Request("first", [1, 2, 3], SamplingParams(max_tokens=4)))
+    queued = engine.add(Request("queued", [4, 5], SamplingParams(max_tokens=4)))
+    monkeypatch.setattr(engine.runner, "forward_step", lambda chunks: 1 / 0)
+    events = engine.step()
+    assert [(e.request.rid, e.finished) for e in events] == [("first", True)] and first.finish_reason == "error"
+    assert engine.scheduler.pool.used == 0 and queued.status == "waiting"
+    monkeypatch.undo()
+    assert engine.generate({}, SamplingParams()) == {} and queued.output == alone(tiny, [4, 5], 4)
+
+
 def test_engine_refuses_what_could_never_run(tiny):
     engine = Engine(tiny, n_blocks=8, block_size=4)
     with pytest.raises(DojoError, match="empty"):
         engine.add(Request("e", [], SamplingParams()))
     with pytest.raises(DojoError, match="context"):
         engine.add(Request("c", [1] * tiny.config.max_seq_len, SamplingParams(max_tokens=1)))
+    with pytest.raises(DojoError, match="seed"):
+        engine.add(Request("s", [1], SamplingParams(temperature=1.0, seed=2**64)))
     with pytest.raises(DojoError, match="ALiBi"):
         Engine(random_model("tiny-alibi"), n_blocks=4)
+
+
+def test_chapter_9_schedule_reference_is_the_engine_scheduler():
+    """The grader's reference for task 9.4 decides exactly what `Scheduler.schedule` does."""
+    from reference_engine.grading.chapters.ch09_batching_serving import schedule_step_ref
+
+    rng = random.Random(7)
+    for trial in range(400):
+        bs, budget = rng.randint(2, 4), rng.randint(1, 24)
+        running = []
+        for _ in range(rng.randint(0, 4)):
+            computed = rng.randint(0, 20)
+            pending = 1 if computed and rng.random() < 0.7 else rng.randint(1, 20)
+            running.append([computed, pending, max(-(-computed // bs), 1) + rng.randint(0, 1)])
+        waiting = [rng.randint(1, 20) for _ in range(rng.randint(0, 3))]
+        free, max_running = rng.randint(0 if running else 1, 6), max(len(running), 1) + rng.randint(0, 2)
+        s = Scheduler(sum(r[2] for r in running) + free, bs, budget, max_running)
+        reqs = []
+        for i, (computed, pending, held) in enumerate(running):
+            r = Request(f"r{i}", [1] * (computed + pending), SamplingParams(max_tokens=4))
+            r.computed, r.status = computed, RUNNING
+            r.blocks = [s.pool.free.pop() for _ in range(held)]
+            s.running.append(r)
+            reqs.append(r)
+        for i, pending in enumerate(waiting):
+            r = Request(f"w{i}", [1] * pending, SamplingParams(max_tokens=4))
+            s.waiting.append(r)
+            reqs.append(r)
+        step = s.schedule()
+        fed = {r.rid: n for r, n in step.chunks}
+        engine = [-1 if r.rid in step.preempted else fed.get(r.rid, 0) for r in reqs]
+        expected = schedule_step_ref(torch.tensor(running, dtype=torch.long).reshape(-1, 3),
+                                     torch.tensor(waiting, dtype=torch.long), free, bs, budget, max_running)
+        assert expected.tolist() == engine, (trial, running, waiting, free, bs, budget, max_running)

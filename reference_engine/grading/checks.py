@@ -103,6 +103,16 @@ def judge_values(task: Task, cases: list[Case], observed: dict) -> list[CheckRes
     return results
 
 
+def unchanged(before: torch.Tensor, after: torch.Tensor) -> bool:
+    """Equal values, NaN equal to NaN (torch.equal says NaN != NaN: an input that holds NaN
+    on purpose, such as a one-token reply's TPOT, would look modified)."""
+    if before.shape != after.shape or before.dtype != after.dtype:
+        return False
+    if not before.is_floating_point():
+        return torch.equal(before, after)
+    return bool(((before == after) | (before.isnan() & after.isnan())).all())
+
+
 def judge_common(task: Task, cases: list[Case], observed: dict, same_object: dict | None) -> list[CheckResult]:
     checks = {name: Task.COMMON[name] for name in task.common_names}
     problems = {name: None for name in Task.COMMON}
@@ -121,7 +131,7 @@ def judge_common(task: Task, cases: list[Case], observed: dict, same_object: dic
                     problems["output_type"] = f"{what} has dtype {o.dtype}, expected {want} ({case.note})"
         if problems["inputs_unchanged"] is None and rec["inputs_after"] is not None:
             for before, after in zip(case.args, rec["inputs_after"]):
-                if isinstance(before, torch.Tensor) and not (isinstance(after, torch.Tensor) and torch.equal(before, after)):
+                if isinstance(before, torch.Tensor) and not (isinstance(after, torch.Tensor) and unchanged(before, after)):
                     problems["inputs_unchanged"] = f"an input tensor was modified by the call ({case.note})"
                     break
     if same_object is not None:

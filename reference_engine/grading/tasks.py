@@ -145,4 +145,5 @@ def load_chapters() -> None:
         ch06_distillation,
         ch07_gpu_acceleration,
         ch08_parallel_inference,
+        ch09_batching_serving,
     )

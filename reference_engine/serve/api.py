@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class StreamOptions(BaseModel):
@@ -25,12 +25,20 @@ class _Common(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)  # None: up to the context
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)  # OpenAI's default; 0 = greedy
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = None
-    stop: str | list[str] | None = None  # stop sequences: the text ends before the first one
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    stop: str | list[Annotated[str, Field(max_length=200)]] | None = Field(default=None, max_length=4)
+    # stop sequences (at most 4, as OpenAI allows, of at most 200 characters): the text ends before the first
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Literal[1] = 1  # one choice per request (several: send several requests)
     user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _short_stop(cls, v):
+        if isinstance(v, str) and len(v) > 200:
+            raise ValueError("a stop sequence has at most 200 characters")
+        return v
 
     def stops(self) -> list[str]:
         found = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

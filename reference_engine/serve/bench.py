@@ -93,19 +93,25 @@ def compare_batching(policies: list[str], concurrency: int = 8, n_requests: int 
         results[policy] = summarize(outcomes, wall)
         if progress:
             s = results[policy]
-            print(f"{policy:>11}: {s['tokens_per_s']:.1f} tokens/s, TTFT p99 {s['ttft']['p99'] * 1e3:.0f} ms",
+            print(f"{policy:>11}: {s['tokens_per_s']:.1f} tokens/s, {s['completed']}/{s['requests']} completed",
                   file=sys.stderr)
     return results
 
 
 def format_comparison(results: dict[str, dict]) -> str:
+    def ms(p: dict, q: str) -> str:
+        return f"{p[q] * 1e3:7.0f}ms" if p[q] is not None else "      n/a"
+
     base = results.get("continuous")
     head = f"{'batching':>11}  {'tokens/s':>9}  {'vs it':>6}  {'TTFT p50':>9}  {'TTFT p99':>9}  {'TPOT p50':>9}  done"
     lines = [head]
     for policy, s in results.items():
         ratio = base["tokens_per_s"] / s["tokens_per_s"] if base and s["tokens_per_s"] else float("nan")
-        lines.append(f"{policy:>11}  {s['tokens_per_s']:9.1f}  {ratio:5.2f}x  {s['ttft']['p50'] * 1e3:7.0f}ms  "
-                     f"{s['ttft']['p99'] * 1e3:7.0f}ms  {s['tpot']['p50'] * 1e3:7.0f}ms  "
-                     f"{s['completed']}/{s['requests']}")
+        lines.append(f"{policy:>11}  {s['tokens_per_s']:9.1f}  {ratio:5.2f}x  {ms(s['ttft'], 'p50')}  "
+                     f"{ms(s['ttft'], 'p99')}  {ms(s['tpot'], 'p50')}  {s['completed']}/{s['requests']}")
     lines.append("vs it: continuous batching's tokens/s divided by this policy's")
+    totals = {s["output_tokens"] for s in results.values()}
+    lines.append(f"every policy wrote {totals.pop()} tokens (greedy: the same replies)" if len(totals) == 1 else
+                 "warning: the policies wrote different numbers of tokens: " + ", ".join(
+                     f"{p} {s['output_tokens']}" for p, s in results.items()))
     return "\n".join(lines)

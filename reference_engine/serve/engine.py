@@ -41,6 +41,10 @@ class Event:
     finished: bool
 
 
+GREEDY_BELOW = 1e-5  # temperatures below this sample the argmax
+MAX_SEED = 2**63 - 1
+
+
 class Engine:
     def __init__(self, model: Transformer, n_blocks: int = 512, block_size: int = 16, token_budget: int = 256,
                  max_running: int = 16, policy: str = "continuous"):
@@ -74,13 +78,19 @@ class Engine:
                             f"than the {self.scheduler.capacity} slots of the whole KV cache pool; ask for at most "
                             f"{max(self.scheduler.capacity - len(prompt), 0)} new tokens")
         check_sampling_args(params.temperature, params.top_k, params.top_p)
+        if params.seed is not None and not 0 <= params.seed <= MAX_SEED:
+            raise DojoError(f"seed must be in [0, 2**63 - 1], got {params.seed}")
 
     def add(self, req: Request) -> Request:
         self.check(req.prompt, req.params)
         self.scheduler.add(req)
-        if req.params.temperature > 0:
-            seed = req.params.seed if req.params.seed is not None else torch.seed()
-            self.generators[req.rid] = torch.Generator().manual_seed(seed)
+        if req.params.temperature >= GREEDY_BELOW:
+            generator = torch.Generator()  # this request's own: the global RNG is left alone
+            if req.params.seed is None:
+                generator.seed()  # a fresh random seed
+            else:
+                generator.manual_seed(req.params.seed)
+            self.generators[req.rid] = generator
         return req
 
     def abort(self, rid: str) -> Request | None:
@@ -92,23 +102,30 @@ class Engine:
         return self.scheduler.has_work
 
     def step(self) -> list[Event]:
-        """Schedule, run the forward, sample, account. Returns one Event per chunk run."""
+        """Schedule, run the forward, sample, account. Returns one Event per chunk run. A
+        forward that fails ends only the requests of this step (finish_reason "error")."""
         step = self.scheduler.schedule()
         if not step.chunks:
             return []
         chunks = [(req.tokens[req.computed : req.computed + n], req.computed, req.blocks, step.samples(req, n))
                   for req, n in step.chunks]
-        logits = self.runner.forward_step(chunks).cpu()  # (chunks that sample, vocab); may be 0 rows
-        sampled, row = {}, 0
+        try:
+            logits = self.runner.forward_step(chunks).cpu()  # (chunks that sample, vocab); may be 0 rows
+        except Exception:  # noqa: BLE001 - a bug in the forward must not take every other request down
+            traceback.print_exc()
+            return [self._fail(req) for req, _ in step.chunks]
+        sampled, failed, row = {}, [], 0
         for (req, n), chunk in zip(step.chunks, chunks):
             if chunk[3]:
-                p = req.params
-                sampled[req.rid] = int(sample(logits[row : row + 1], p.temperature, p.top_k, p.top_p,
-                                              self.generators.get(req.rid))[0])
+                try:
+                    sampled[req.rid] = self._sample(req, logits[row : row + 1])
+                except Exception:  # noqa: BLE001 - e.g. probabilities that are not finite: this request only
+                    traceback.print_exc()
+                    failed.append(req)
                 row += 1
+        events = [self._fail(req) for req in failed]
         lengths = {req.rid: len(req.output) for req, _ in step.chunks}
         finished = set(self.scheduler.update(step, sampled))
-        events = []
         for req, _ in step.chunks:
             grew = len(req.output) > lengths[req.rid]
             if grew:
@@ -118,6 +135,17 @@ class Engine:
             if req in finished:
                 self.generators.pop(req.rid, None)
         return events
+
+    def _sample(self, req: Request, logits: torch.Tensor) -> int:
+        p = req.params
+        if p.temperature < GREEDY_BELOW:  # logits / 1e-40 overflow: that close to 0 is greedy anyway
+            return int(logits.argmax(-1)[0])
+        return int(sample(logits, p.temperature, p.top_k, p.top_p, self.generators.get(req.rid))[0])
+
+    def _fail(self, req: Request) -> Event:
+        self.abort(req.rid)
+        req.finish_reason = "error"
+        return Event(req, None, True)
 
     def generate(self, prompts: dict[str, list[int]], params: SamplingParams) -> dict[str, list[int]]:
         """Every prompt to completion (offline batch). Returns rid -> output tokens."""
@@ -139,7 +167,6 @@ class EngineLoop:
         self.listeners: dict[str, Callable[[Event], None]] = {}
         self.pending = 0  # submitted, not yet finished (read by the server for its 503s)
         self.lock = threading.Lock()
-        self.stopping = False
         self.busy_s = 0.0
         self.thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
 
@@ -209,7 +236,9 @@ class EngineLoop:
                 self.listeners[item.rid] = on_event
                 try:
                     self.engine.add(item)
-                except DojoError:  # checked before submit; a request that still cannot run ends at once
+                except Exception:  # noqa: BLE001 - checked before submit; one that still cannot run ends at once
+                    traceback.print_exc()
+                    self.engine.abort(item.rid)  # in case it was queued before the failure
                     item.status, item.finish_reason = FINISHED, "error"
                     self._deliver(Event(item, None, True))
             elif kind == "abort":
@@ -232,7 +261,10 @@ class EngineLoop:
             with self.lock:
                 self.pending -= 1
         if listener is not None:
-            listener(event)
+            try:
+                listener(event)
+            except RuntimeError:  # the event loop is gone (shutting down): nobody is listening
+                pass
 
 
 __all__ = ["Engine", "EngineLoop", "Event", "Request", "SamplingParams", "FINISHED"]

@@ -37,7 +37,7 @@ class Outcome:
     output_tokens: int = 0
     ttft: float | None = None
     latency: float | None = None
-    gaps: list[float] = field(default_factory=list)  # between consecutive text chunks
+    gaps: list[float] = field(default_factory=list)  # between consecutive text chunks (a chunk is usually a token)
     disconnected: bool = False  # the client hung up on purpose
 
     @property
@@ -183,7 +183,9 @@ def summarize(outcomes: list[Outcome], wall: float, slo_ttft: float = 1.0, slo_t
     """Throughput, latency percentiles and goodput of a run."""
     ok = [o for o in outcomes if o.ok]
     tokens = sum(o.output_tokens for o in outcomes)  # tokens of hung-up requests are not counted: usage never came
-    good = [o for o in ok if o.ttft is not None and o.ttft <= slo_ttft and (o.tpot is None or o.tpot <= slo_tpot)]
+    # a reply with no text at all (an immediate stop) is judged by its latency as its TTFT
+    good = [o for o in ok if (o.ttft if o.ttft is not None else o.latency) <= slo_ttft
+            and (o.tpot is None or o.tpot <= slo_tpot)]
     return {
         "requests": len(outcomes), "completed": len(ok),
         "disconnected": sum(o.disconnected for o in outcomes),

@@ -17,7 +17,8 @@ to end, one row of N tokens:
     this readable version gathers them, which costs a copy per layer.
 
 The result is the logits of the last token of each chunk that samples (`Step.samples`).
-Greedy outputs equal what each request gets alone: the rows never mix (tests check it).
+The rows never mix: in float64 each request's greedy output is exactly what it gets alone
+(tests check it); in float32, matmuls of other shapes may round differently in the last bits.
 """
 
 from __future__ import annotations

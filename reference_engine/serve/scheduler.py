@@ -12,7 +12,8 @@ wants as many sequences in each forward as memory allows. Two ways to batch:
 
 The scheduler below is the second, with the limits a real server has (vLLM's, simplified):
   - memory: keys and values live in a pool of fixed-size blocks (the paged KV cache of
-    chapter 3). A request is admitted only when the pool has blocks for its next chunk;
+    chapter 3). A request is admitted only when the pool has free blocks for its whole
+    prompt (it takes them chunk by chunk);
   - compute: a token budget per step. Decodes (1 token each) are scheduled first, then
     prompts, cut into chunks that fit what is left of the budget (chunked prefill), so a
     long prompt never stalls the running decodes for a whole prefill;
@@ -190,6 +191,9 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             n = min(req.pending, budget)
+            if not req.blocks and not self.pool.grow(req.blocks, req.computed + n):
+                i += 1  # static batching admits a whole batch at once: one that never ran waits its turn
+                continue
             while not self.pool.grow(req.blocks, req.computed + n):
                 victim = self.running.pop()  # the newest; never one already in this step (index < i)
                 self._preempt(victim)
@@ -206,8 +210,12 @@ class Scheduler:
             while self.waiting and budget > 0 and len(self.running) < self.max_running:
                 req = self.waiting[0]
                 n = min(req.pending, budget)
-                if not self.pool.grow(req.blocks, req.computed + n):
-                    break  # the pool is the admission limit; later arrivals wait too (no overtaking)
+                # the pool is the admission limit: blocks for the whole prompt must be free, not only
+                # for its first chunk (else a long prompt, the newest, is preempted and restarted over
+                # and over); later arrivals wait too (no overtaking)
+                if self.pool.blocks_for(len(req.tokens)) > len(self.pool.free):
+                    break
+                self.pool.grow(req.blocks, req.computed + n)
                 self._admit(self.waiting.popleft())
                 admitted.append(req.rid)
                 chunks.append((req, n))

@@ -36,6 +36,11 @@ from .api import ChatRequest, CompletionRequest, Reply, error_body
 from .engine import EngineLoop, Event
 from .scheduler import Request, SamplingParams
 
+FAILED = {  # finish reasons that are not an answer: what the client is told instead
+    "error": (500, "the engine failed on this request (the server log has the traceback); retry it"),
+    "abort": (503, "the server stopped before this request finished; retry it"),
+}
+MAX_CHARS_PER_TOKEN = 32  # a prompt longer than this many characters per context token cannot fit: refused unread
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -97,7 +102,8 @@ class Stream:
             if event.finished:
                 self.text += self.decoder.flush()
                 self.done, self.finish_reason = True, event.request.finish_reason
-            cut = min((i for i in (self.text.find(s) for s in self.stops) if i >= 0), default=-1)
+            start = max(0, self.sent - max(map(len, self.stops), default=0))  # text before was searched already
+            cut = min((i for i in (self.text.find(s, start) for s in self.stops) if i >= 0), default=-1)
             if cut >= 0:  # a stop string: end here, and tell the engine to stop working on it
                 self.text, self.finish_reason = self.text[:cut], "stop"
                 if not self.done:
@@ -176,7 +182,7 @@ def create_app(loop: EngineLoop, tokenizer, model_name: str, stop_ids: list[int]
         except DojoError as e:
             return fail(400, str(e), param="max_tokens" if len(prompt_ids) < loop.engine.longest else "prompt",
                         code="context_length_exceeded")
-        if loop.full or loop.stopping:
+        if loop.full:
             # 503, not 429: the server as a whole is full (429 says this client sent too much)
             return fail(503, f"the server is at capacity ({loop.max_waiting} requests already waiting); retry "
                              "shortly", kind="server_error", code="overloaded", headers={"Retry-After": "1"})
@@ -192,6 +198,9 @@ def create_app(loop: EngineLoop, tokenizer, model_name: str, stop_ids: list[int]
         finally:
             watcher.cancel()
             stream.cancel()
+        if stream.finish_reason in FAILED:
+            status, message = FAILED[stream.finish_reason]
+            return fail(status, message, kind="server_error", code=stream.finish_reason)
         finished(stream)
         return reply.whole(text, stream.finish_reason, len(prompt_ids), len(req.output))
 
@@ -226,13 +235,25 @@ def create_app(loop: EngineLoop, tokenizer, model_name: str, stop_ids: list[int]
                 yield event(reply.chunk(None, first=True))
             async for delta in stream.deltas():
                 yield event(reply.chunk(delta))
+            if stream.finish_reason in FAILED:  # OpenAI's way: an error object in the stream, then the end
+                status, message = FAILED[stream.finish_reason]
+                metrics.requests.labels(outcome=str(status)).inc()
+                yield event(error_body(message, "server_error", code=stream.finish_reason))
+                yield "data: [DONE]\n\n"
+                return
             yield event(reply.chunk(None, stream.finish_reason))
             if include_usage:
                 yield event(reply.usage_chunk(len(stream.req.prompt), len(stream.req.output)))
             yield "data: [DONE]\n\n"
             finished(stream)
         finally:
-            stream.cancel()  # the client went away mid-stream (or we are done): free its blocks now
+            if not stream.done:  # the client went away mid-stream
+                metrics.requests.labels(outcome="disconnected").inc()
+            stream.cancel()  # free its blocks now (a no-op when it finished)
+
+    def too_long(chars: int):
+        return fail(400, f"the prompt has {chars:,} characters, far more than the context of {context} tokens "
+                         "holds; shorten it", param="prompt", code="context_length_exceeded")
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: HTTPRequest):
@@ -240,12 +261,18 @@ def create_app(loop: EngineLoop, tokenizer, model_name: str, stop_ids: list[int]
         if len(prompts) != 1:
             return fail(400, f"prompt must be one string (got a list of {len(prompts)}); send one request per "
                              "prompt: the server batches them for you", param="prompt")
-        return await answer(http, body, tokenizer.encode(prompts[0]), body.max_tokens, chat=False)
+        if len(prompts[0]) > MAX_CHARS_PER_TOKEN * context:
+            return too_long(len(prompts[0]))
+        return await answer(http, body, await asyncio.to_thread(tokenizer.encode, prompts[0]), body.max_tokens,
+                            chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, http: HTTPRequest):
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
-        ids = tokenizer.encode(tokenizer.apply_chat_template(messages)) if any(m["content"] for m in messages) else []
+        text = tokenizer.apply_chat_template(messages) if any(m["content"] for m in messages) else ""
+        if len(text) > MAX_CHARS_PER_TOKEN * context:
+            return too_long(len(text))
+        ids = await asyncio.to_thread(tokenizer.encode, text)  # off the event loop: other streams go on
         return await answer(http, body, ids, body.max_completion_tokens or body.max_tokens, chat=True)
 
     return app
@@ -281,5 +308,4 @@ def run_server(loop: EngineLoop, tokenizer, model_name: str, stop_ids: list[int]
     try:
         server.run(sockets=[sock])
     finally:
-        loop.stopping = True
         loop.stop()
