@@ -192,6 +192,20 @@ def test_loadtest_with_disconnects_leaves_the_pool_empty(server):
     assert rss[1] < rss[0] * 1.05 + 20e6, f"the server's memory grew across two identical runs: {rss}"
 
 
+def test_loadtest_sweeps_poisson_rates_into_a_plot(server, tmp_path):
+    png = tmp_path / "load.png"
+    out = subprocess.run([sys.executable, "-m", "reference_engine", "loadtest", "--url", server.url, "--rate", "2,8",
+                          "--requests", "4", "--max-tokens", "exp:4", "--plot", str(png), "--json"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    points = json.loads(out.stdout.splitlines()[-1])
+    assert [p["rate"] for p in points] == [2.0, 8.0] and all(p["completed"] == 4 for p in points)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = subprocess.run([sys.executable, "-m", "reference_engine", "loadtest", "--url", server.url, "--rate", "2",
+                          "--plot", str(png)], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --plot needs several loads")
+
+
 def test_metrics_are_prometheus_text(server):
     text = httpx.get(server.url + "/metrics").text
     for name in ("dojo_requests_total", "dojo_generation_tokens_total", "dojo_requests_waiting",
