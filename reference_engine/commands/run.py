@@ -100,6 +100,7 @@ def generate_parallel(args) -> int:
               f"collectives per decoding step on rank 0:\n{format_comm(result['comm_per_token'])}]", file=sys.stderr)
     import torch.distributed as dist
 
+    dist.barrier()  # leave together: a rank tearing its group down while a peer still talks can abort the peer
     dist.destroy_process_group()
     return 0
 
