@@ -10,21 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
 from ..errors import DojoError
+from ..parallel.launch import free_port  # noqa: F401 (also what the tests pick ports with)
 from .loadtest import run_load, summarize, workload
 from .scheduler import POLICIES
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServerProcess:
