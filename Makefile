@@ -28,10 +28,10 @@ bench: setup
 exercises: setup
 	$(PY) -m reference_engine make-exercises
 
-# The book: static HTML from the lessons (executed) and the question banks.
+# The book (Sphinx + MyST-NB) from the lessons and the question banks. Lessons execute
+# through a cache: a second build with no code changed executes nothing.
 book: setup
-	$(PY) book/build.py
-	@echo "open book/_build/index.html"
+	$(PY) -m reference_engine book
 
 clean:
 	rm -rf .venv .pytest_cache

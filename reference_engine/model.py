@@ -201,6 +201,15 @@ class Block(nn.Module):
         return x + self.mlp(self.ffn_norm(x))
 
 
+def embedding(rows: int, dim: int) -> nn.Embedding:
+    """nn.Embedding, initialised at random except on the meta device, where load.py builds
+    the model before the file's weights replace everything: a random initialisation there
+    runs PyTorch's Python decompositions, about a second in every fresh process."""
+    if torch.empty(0).is_meta:
+        return nn.Embedding(rows, dim, _weight=torch.empty(rows, dim))
+    return nn.Embedding(rows, dim)
+
+
 class Transformer(nn.Module):
     """`model(input_ids)` -> float32 logits (batch, seq, vocab), no cache involved.
 
@@ -211,9 +220,9 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.d_model)
+        self.tok_embeddings = embedding(config.vocab_size, config.d_model)
         if config.pos_encoding == "learned":
-            self.pos_embeddings = nn.Embedding(config.max_seq_len, config.d_model)
+            self.pos_embeddings = embedding(config.max_seq_len, config.d_model)
         self.make_position_tables()
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = make_norm(config)
@@ -226,6 +235,8 @@ class Transformer(nn.Module):
         """(Re)build the fixed tables the config asks for: the sinusoid added to the
         embeddings, or RoPE's cos/sin. Not saved in the state dict: they follow the config."""
         c, device = self.config, self.tok_embeddings.weight.device
+        if device.type == "meta":  # load.py makes them once the weights are in (meta ops cost a second)
+            return
         if c.pos_encoding == "sinusoidal":
             self.register_buffer("pos_table", sinusoidal_table(c.max_seq_len, c.d_model).to(device), persistent=False)
         elif c.pos_encoding == "rope":

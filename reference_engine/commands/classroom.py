@@ -1,4 +1,4 @@
-"""Grading: grade, progress, grade-class, make-exercises."""
+"""The course material: grade, progress, grade-class, make-exercises, book."""
 
 from __future__ import annotations
 
@@ -27,6 +27,14 @@ def add_commands(sub) -> None:
     mk = sub.add_parser("make-exercises", help="generate exercises/ from solutions/ with nbgrader")
     mk.add_argument("--solutions", default="solutions")
     mk.add_argument("--exercises", default="exercises")
+    bk = sub.add_parser("book", help="build the HTML book (Sphinx, MyST-NB) from lessons/ and book/questions/; "
+                                     "lessons execute through a cache, only when their code changed")
+    bk.add_argument("--out", help="output folder (default book/_build/html)")
+    bk.add_argument("--no-execute", action="store_true", help="render the lessons as committed, without running them")
+    bk.add_argument("--source", help="another source folder with index.md and lessons/ (default book/)")
+    bk.add_argument("--set", action="append", metavar="NAME=VALUE", help="a Sphinx setting (repeatable), for example "
+                                                                          "nb_execution_cache_path=/tmp/cache")
+    bk.add_argument("--quiet", action="store_true", help="only the last line (and errors)")
 
 
 def cmd_grade(args) -> int:
@@ -69,4 +77,24 @@ def cmd_make_exercises(args) -> int:
     return 0
 
 
-COMMANDS = {"grade": cmd_grade, "progress": cmd_progress, "grade-class": cmd_grade_class, "make-exercises": cmd_make_exercises}
+def cmd_book(args) -> int:
+    from ..book import BOOK_DIR, DEFAULT_OUT, build_book
+
+    settings = {}
+    for item in args.set or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            from ..errors import DojoError
+
+            raise DojoError(f"--set takes NAME=VALUE (a Sphinx setting), got {item!r}")
+        settings[name] = value
+    done = build_book(args.out or DEFAULT_OUT, source=args.source or BOOK_DIR, execute=not args.no_execute,
+                      settings=settings, quiet=args.quiet)
+    print(f"built {done['index']} in {done['seconds']:.0f} s ({done['executed']} lessons executed; "
+          "the others came from the cache)" if not args.no_execute else
+          f"built {done['index']} in {done['seconds']:.0f} s (lessons not executed)")
+    return 0
+
+
+COMMANDS = {"grade": cmd_grade, "progress": cmd_progress, "grade-class": cmd_grade_class,
+            "make-exercises": cmd_make_exercises, "book": cmd_book}
