@@ -7,7 +7,6 @@ from dataclasses import replace
 
 import torch
 
-from . import weight_cache
 from .errors import DojoError
 from .gguf_loader import (
     config_from_gguf,
@@ -71,11 +70,10 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype | str =
         from .compression.quantize import parse_format
 
         fmt = parse_format(quantize)  # an unknown name fails here, before the slow part
-    path = path if path is not None else default_model_path()
-    reader = open_gguf(path)
+    reader = open_gguf(path if path is not None else default_model_path())
     config = replace(config_from_gguf(reader), **config_overrides)
     tokenizer = Tokenizer.from_gguf(reader)
-    model = model_from_file(reader, config, path)
+    model = model_from_state_dict(config, state_dict_from_gguf(reader, config))
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     if fmt is not None:
         from .compression.quantize import quantize_model
@@ -132,22 +130,6 @@ def triton_installed() -> bool:
 def load_tokenizer(path: str | os.PathLike | None = None) -> Tokenizer:
     """Only the tokenizer of a GGUF file (no weights are read)."""
     return Tokenizer.from_gguf(open_gguf(path if path is not None else default_model_path()))
-
-
-def model_from_file(reader, config, path) -> Transformer:
-    """The float32 model of a GGUF file, its dequantized weights read from the disk cache
-    (weight_cache.py) when an entry exists, and stored there when not."""
-    entry = weight_cache.entry_path(path, config.rope_layout, reader)
-    cached = weight_cache.read(entry) if entry is not None else None
-    if cached is not None:
-        try:
-            return model_from_state_dict(config, cached)
-        except RuntimeError:  # names or shapes that do not fit: not this model's entry
-            pass
-    state_dict = state_dict_from_gguf(reader, config)
-    if entry is not None:
-        weight_cache.write(entry, state_dict)
-    return model_from_state_dict(config, state_dict)
 
 
 def model_from_state_dict(config, state_dict: dict[str, torch.Tensor]) -> Transformer:
