@@ -105,12 +105,26 @@ def child_job(cell: str, calls=None, **extra):
     ("def f(x):\n    import reference_engine\n    return x", "may not import reference_engine"),
     ("def f(x):\n    import subprocess\n    subprocess.run(['true'])\n    return x", "may not use subprocess.Popen"),
     ("def f(x):\n    open('/tmp/dojo_hostile_write', 'w')\n    return x", "only write inside its working directory"),
+    ("import os\ndef f(x):\n    os.close(os.open('/tmp/dojo_hostile_write', os.O_WRONLY | os.O_CREAT))\n    return x",
+     "only write inside its working directory"),
+    ("import os\ndef f(x):\n    os.rename('/tmp/dojo_hostile_a', '/tmp/dojo_hostile_b')\n    return x",
+     "only write inside its working directory"),
+    ("import os\ndef f(x):\n    os.link('/etc/hostname', 'here')\n    return x", "only write inside its working directory"),
+    ("import os\ndef f(x):\n    os.mkdir('/tmp/dojo_hostile_dir')\n    return x", "only write inside its working directory"),
     ("def f(x):\n    import gc\n    return gc.get_objects()", "may not use gc.get_objects"),
 ])
 def test_audit_hooks_refuse_what_the_scan_would_have(cell, words):
     run = run_child(child_job(cell), timeout_s=30)
     error = run.results["observed"]["calls"][0]["error"]
     assert error and words in error, error
+
+
+def test_the_working_directory_stays_writable():
+    """Within its own folder the child may write, by open, os.open, rename and mkdir."""
+    cell = ("import os\ndef f(x):\n    os.mkdir('d')\n    os.close(os.open('d/a', os.O_WRONLY | os.O_CREAT))\n"
+            "    os.rename('d/a', 'd/b')\n    open('d/c', 'w').close()\n    return x")
+    run = run_child(child_job(cell), timeout_s=30)
+    assert run.results["observed"]["calls"][0]["error"] is None
 
 
 def test_exit_inside_the_function_returns_nothing_for_it():

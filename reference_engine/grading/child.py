@@ -78,17 +78,37 @@ def _inside(path, folder):
     return path == folder or path.startswith(folder + os.sep)
 
 
+# os.open reports no mode, only its flags: these make it a write
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+# events that change the file system, and which of their arguments are paths that change
+# (a hard link's source too: writing through the link would change the original)
+CHANGING = {"os.rename": (0, 1), "os.link": (0, 1), "os.symlink": (1,), "os.remove": (0,), "os.rmdir": (0,),
+            "os.mkdir": (0,), "os.truncate": (0,), "os.chmod": (0,), "os.chown": (0,), "os.utime": (0,)}
+
+
+def _refuse_writing(path) -> None:
+    path = os.path.realpath(os.fsdecode(path))
+    if not (_inside(path, WORKDIR) or path == os.devnull):
+        raise PermissionError(f"graded code may only write inside its working directory, not {path}")
+
+
 def audit(event, args):
     if event == "open":
-        path, mode = args[0], args[1]
+        path, mode, flags = args[0], args[1], args[2]
         if isinstance(path, int) or path is None:
             return
-        path = os.path.realpath(os.fsdecode(path))
-        if any(_inside(path, p) for p in PROTECTED):
-            raise PermissionError(f"graded code may not open {path}")
-        writing = isinstance(mode, str) and any(c in mode for c in "wax+")
-        if writing and not (_inside(path, WORKDIR) or path == os.devnull):
-            raise PermissionError(f"graded code may only write inside its working directory, not {path}")
+        if any(_inside(os.path.realpath(os.fsdecode(path)), p) for p in PROTECTED):
+            raise PermissionError(f"graded code may not open {os.path.realpath(os.fsdecode(path))}")
+        if isinstance(mode, str):
+            writing = any(c in mode for c in "wax+")
+        else:
+            writing = isinstance(flags, int) and bool(flags & WRITE_FLAGS)
+        if writing:
+            _refuse_writing(path)
+    elif event in CHANGING:
+        for i in CHANGING[event]:
+            if i < len(args) and isinstance(args[i], (str, bytes, os.PathLike)):
+                _refuse_writing(args[i])
     elif event == "import":
         name = args[0] or ""
         if any(name == b or name.startswith(b + ".") for b in BLOCKED_MODULES):

@@ -59,7 +59,7 @@ def run_child(job: dict, timeout_s: float = 60.0, memory_mb: int = 4096) -> Chil
         work.mkdir()
         torch.save(job, private / "job.pt")
         env = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(work), "LANG": "C.UTF-8",
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(work), "TMPDIR": str(work), "LANG": "C.UTF-8",
             "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MPLBACKEND": "Agg", "MPLCONFIGDIR": str(work),
             "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1",
             # Keep freed tensors in malloc's heap: otherwise glibc's adaptive threshold
