@@ -2,16 +2,11 @@
 recomputed from the model's configuration rather than trusted."""
 
 import pytest
-import yaml
 
 from reference_engine import ModelConfig
 from reference_engine.questions import KINDS, bank_paths, load_bank
 
 BANKS = bank_paths()
-
-
-def load(path):
-    return yaml.safe_load(path.read_text())
 
 
 def test_there_is_a_bank_per_chapter_with_questions():
@@ -27,7 +22,7 @@ def test_schema(path):
 @pytest.mark.parametrize("path", BANKS, ids=lambda p: p.stem)
 def test_estimates_are_recomputed_from_the_model_config(path):
     c = ModelConfig.from_name("smollm2-135m")
-    for q in load(path)["questions"]:
+    for q in load_bank(path)["questions"]:
         if q["kind"] != "estimate":
             continue
         value = eval(q["compute"], {"__builtins__": {}}, {"c": c})  # repository data, not user input
@@ -37,5 +32,5 @@ def test_estimates_are_recomputed_from_the_model_config(path):
 
 
 def test_chapter_one_has_twenty_questions():
-    bank = load(next(p for p in BANKS if p.stem == "01_attention"))
+    bank = load_bank(next(p for p in BANKS if p.stem == "01_attention"))
     assert len(bank["questions"]) >= 20

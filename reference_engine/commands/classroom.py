@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from ..errors import DojoError
 from .common import with_progress
 
 
@@ -84,8 +85,6 @@ def cmd_book(args) -> int:
     for item in args.set or []:
         name, sep, value = item.partition("=")
         if not sep or not name:
-            from ..errors import DojoError
-
             raise DojoError(f"--set takes NAME=VALUE (a Sphinx setting), got {item!r}")
         settings[name] = value
     done = build_book(args.out or DEFAULT_OUT, source=args.source or BOOK_DIR, execute=not args.no_execute,
