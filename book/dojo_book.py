@@ -43,11 +43,16 @@ def _banks(app) -> dict:
 def questions_markdown(bank: dict) -> str:
     parts = [f"## Question bank: {bank['title']}",
              f"The chapter's {len(bank['questions'])} interview questions. Try each one first, "
-             "then open it to see a model answer."]
+             "then open it to see a model answer and the key points a good answer covers. "
+             f"`python -m reference_engine practice review --chapter {bank['chapter'][:2]}` asks them on a "
+             "spaced schedule, with fresh numbers in the estimates."]
     for q in bank["questions"]:
         title = " ".join(q["question"].split())
+        points = "\n".join(f"- {p}" for p in q["key_points"])
+        drill = f"\n\nDrill it, timed and graded: `practice drill start {q['task']}`." if q.get("task") else ""
         parts.append(f"::::{{dropdown}} {q['kind'].upper()} · {title}\n:name: q{q['id']}\n"
-                     f":class-container: dojo-question\n\n{q['answer'].strip()}\n::::")
+                     f":class-container: dojo-question\n\n{q['answer'].strip()}\n\n"
+                     f"**Key points** ({q['difficulty']}, {q['minutes']} min):\n\n{points}{drill}\n::::")
     return "\n\n".join(parts)
 
 

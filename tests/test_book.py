@@ -58,6 +58,7 @@ def test_every_lesson_is_a_chapter_page(book, executed_lessons):
         assert page.count("<math") >= 10, f"{stem}: math converted to MathML"
         questions = re.findall(r'<details class="[^"]*dojo-question[^"]*"[^>]*>', page)
         assert len(questions) >= 15 and not any(" open" in q for q in questions), f"{stem}: answers start folded"
+        assert page.count("<strong>Key points</strong>") == len(questions), f"{stem}: each answer's checklist"
         downloads = re.findall(r'href="(\.\./_downloads/[^"]+\.ipynb)"', page)
         assert len(downloads) == 2 and all((book / "lessons" / d).exists() for d in downloads), f"{stem}: lesson and exercise"
 

@@ -24,7 +24,8 @@ COUNT_RUN = "import os\nopen(os.environ['DOJO_BOOK_RUNS'], 'a').write('run\\n')"
 
 def bank(n=15, **changes):
     questions = [{"id": f"01-{i:02d}", "kind": "concept", "tags": ["tiny"], "question": f"Question number {i}?",
-                  "answer": f"Answer number {i}, " + "long enough to be a written explanation of the point. " * 2}
+                  "answer": f"Answer number {i}, " + "long enough to be a written explanation of the point. " * 2,
+                  "difficulty": "easy", "minutes": 2, "key_points": ["The first point.", "The second point."]}
                  for i in range(1, n + 1)]
     for i, fields in changes.items():
         questions[int(i[1:]) - 1].update(fields)
@@ -122,8 +123,26 @@ def test_a_bank_without_its_lesson_is_refused(tiny_book):
 @pytest.mark.parametrize("change, message", [
     ({"q2": {"answer": "Too short."}}, "entry 2 (id 01-02): the answer must be a written explanation"),
     ({"q4": {"id": "01-03"}}, "entry 4 (id 01-03): the id is used twice"),
-    ({"q5": {"difficulty": 3}}, "entry 5 (id 01-05) has unknown fields difficulty"),
-    ({"q6": {"kind": "estimate"}}, "entry 6 (id 01-06): estimate questions carry compute and value"),
+    ({"q5": {"level": 3}}, "entry 5 (id 01-05) has unknown fields level"),
+    ({"q5": {"difficulty": 3}}, "entry 5 (id 01-05): difficulty 3 is not one of easy, medium, hard"),
+    ({"q3": {"key_points": ["only one"]}}, "entry 3 (id 01-03): key_points is a list of 2 to 6 short sentences"),
+    ({"q3": {"minutes": 0}}, "entry 3 (id 01-03): minutes is the time budget"),
+    ({"q6": {"kind": "estimate"}}, "entry 6 (id 01-06): estimate questions carry a template"),
+    ({"q6": {"kind": "estimate", "value": 8, "template": {
+        "prompt": "{nbytes} bytes per number?", "inputs": {"nbytes": [2, 4]}, "formula": "nbytes * 2",
+        "unit": "bytes", "tolerance": 0.05, "steps": "{answer}"}}},
+     "entry 6 (id 01-06): the formula gives 4 for the first choice of every input; value says 8"),
+    ({"q6": {"kind": "estimate", "value": 4, "template": {
+        "prompt": "{nbytes} bytes per number?", "inputs": {"nbytes": [2, 4]}, "formula": "nbytes * 2",
+        "unit": "bytes", "tolerance": 0.05, "steps": "{answer}",
+        "mistakes": [{"name": "doubled twice", "formula": "nbytes + 2"}]}}},
+     "entry 6 (id 01-06): mistake 'doubled twice' gives the right answer for inputs {'nbytes': 2}"),
+    ({"q6": {"kind": "estimate", "value": 4, "template": {
+        "prompt": "{gpu} bandwidth?", "inputs": {"gpu": ["h100", "a100"]}, "formula": "g.bandwidth_gbs",
+        "unit": "GB/s", "tolerance": 0.05, "steps": "{answer}"}}},
+     "entry 6 (id 01-06): template input gpu: 'h100' is not one of h100-sxm"),
+    ({"q7": {"task": "1.2"}}, "entry 7 (id 01-07): task (a graded task id such as \"1.2\") belongs to coding"),
+    ({"q8": {"tags": ["2:4", 124]}}, "entry 8 (id 01-08): tags must be a non-empty list of words"),
 ])
 def test_bank_errors_name_the_entry(tmp_path, change, message):
     path = tmp_path / "01_tiny.yaml"
