@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .commands import classroom, compress, measure, run, serving
+from .commands import classroom, compress, measure, practice, run, serving
 from .errors import DojoError
 
-MODULES = (run, measure, compress, serving, classroom)  # one module per family of commands, in --help's order
+MODULES = (run, measure, compress, serving, classroom, practice)  # one module per family of commands, in --help's order
 COMMANDS = {name: fn for module in MODULES for name, fn in module.COMMANDS.items()}
 
 

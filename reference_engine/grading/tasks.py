@@ -126,12 +126,19 @@ GPU_SPEED_NOTE = "speed: not graded (it means something only on a GPU); no point
 
 TASKS: dict[str, Task] = {}
 CHAPTERS: dict[str, list[Task]] = {}
+DRILLS: list[Task] = []  # tasks written for practice drills only: graded like the others, no notebook
 
 
 def register(*tasks: Task) -> None:
     for task in tasks:
         TASKS[task.id] = task
         CHAPTERS.setdefault(task.chapter, []).append(task)
+
+
+def register_drills(*tasks: Task) -> None:
+    for task in tasks:
+        TASKS[task.id] = task
+        DRILLS.append(task)
 
 
 def load_chapters() -> None:
@@ -146,4 +153,5 @@ def load_chapters() -> None:
         ch07_gpu_acceleration,
         ch08_parallel_inference,
         ch09_batching_serving,
+        drills,
     )
