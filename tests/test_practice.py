@@ -78,6 +78,46 @@ def test_a_corrupted_database_is_moved_aside_with_a_backup_never_overwritten(tmp
     Store(path).close()  # the next run starts afresh
 
 
+def test_a_busy_database_is_left_alone(tmp_path, monkeypatch):
+    path = tmp_path / "p.db"
+    store = Store(path)
+    store.record_review(BY_ID["01-01"], 3, 1.0, scheduler.utcnow(), "s")
+    store.close()
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+    holder.execute("BEGIN EXCLUSIVE")
+    real_connect = sqlite3.connect
+    monkeypatch.setattr(sqlite3, "connect", lambda *a, **k: real_connect(*a, **{**k, "timeout": 0.2}))
+    with pytest.raises(DojoError, match="it was not touched"):
+        Store(path)
+    holder.execute("ROLLBACK")
+    holder.close()
+    monkeypatch.undo()
+    assert not list(tmp_path.glob("*.unreadable")) and len(Store(path).reviews()) == 1
+
+
+def test_a_path_with_uri_characters_is_opened_as_itself(tmp_path):
+    path = tmp_path / "a#b?c" / "p.db"
+    Store(path).close()
+    db = sqlite3.connect(path)
+    db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),))
+    db.commit()
+    db.close()
+    with pytest.raises(DojoError, match="newer Inference Dojo"):
+        Store(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a#b?c"], "no stray file beside it"
+
+
+def test_another_sqlite_file_is_not_taken_over(tmp_path):
+    path = tmp_path / "other.db"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE notes (text TEXT)")
+    db.commit()
+    db.close()
+    with pytest.raises(DojoError, match="not a practice database"):
+        Store(path)
+
+
 def test_a_newer_schema_is_refused_and_left_untouched(tmp_path):
     path = tmp_path / "p.db"
     Store(path).close()
@@ -132,6 +172,18 @@ def test_export_and_import_move_the_history_between_machines(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(DojoError, match="not a practice export"):
         there.import_(tmp_path / "bad.json")
+    history = json.loads((tmp_path / "history.json").read_text())
+    for field, value, message in (("rating", 7, "rating 7; ratings are 1 to 4"),
+                                  ("reviewed_at", "2026-11-30T10:00:00", "without a time zone"),
+                                  ("session; DROP TABLE reviews", "x", "unknown columns")):
+        bad = json.loads(json.dumps(history))
+        bad["reviews"][0]["review_id"] = "new"
+        bad["reviews"][0][field] = value
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        with pytest.raises(DojoError, match=message):
+            there.import_(tmp_path / "bad.json")
+    assert len(there.reviews()) == 11, "a refused import writes nothing"
+    assert there.import_(tmp_path / "history.json")["reviews"] == 0, "and the next import still works"
 
 
 # -- estimates and rendering -----------------------------------------------------------------
@@ -159,13 +211,43 @@ def test_an_estimate_names_the_common_mistake_it_matches():
     assert est.judge(est.answer * 7).mistake is None
 
 
-def test_fresh_numbers_differ_from_the_books_question():
+def test_fresh_numbers_change_the_answer():
     rng = random.Random(0)
     for q in (q for q in QUESTIONS if q["kind"] == "estimate"):
-        book = instance(q, {k: v[0] for k, v in q["template"]["inputs"].items()})
-        drawn = [draw(q, rng) for _ in range(3)]
-        assert any(d.inputs != book.inputs for d in drawn), q["id"]
-        assert all(d.prompt and d.steps for d in drawn)
+        drawn = [draw(q, rng) for _ in range(8)]
+        assert len({round(d.answer, 9) for d in drawn} | {q["value"]}) >= 2, f"{q['id']}: the same number every time"
+        assert all(d.prompt and d.steps and "{" not in d.prompt for d in drawn)
+
+
+def test_the_catalogs_smollm2_is_the_engines():
+    from reference_engine import ModelConfig
+    from reference_engine.practice.catalog import MODELS
+
+    engine, published = ModelConfig.from_name("smollm2-135m"), MODELS["smollm2-135m"]
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "max_seq_len",
+                 "tie_embeddings"):
+        assert getattr(published, name) == getattr(engine, name), name
+    import torch
+
+    from reference_engine.model import Transformer
+
+    with torch.device("meta"):  # shapes only: nothing allocated
+        model = Transformer(engine)
+    assert published.params == sum(p.numel() for p in model.parameters())
+
+
+def test_typed_forms_people_use():
+    assert parse_number("8B", "parameters") == 8e9, "8B parameters is eight billion"
+    assert parse_number("8 B", "bytes") == 8
+    assert parse_number("25%", "percent") == 25
+    with pytest.raises(ValueError, match="ambiguous"):
+        parse_number("5m", "ms")
+
+
+def test_the_closest_of_two_matching_mistakes_is_named_first():
+    est = instance(KV_PER_TOKEN, {k: v[0] for k, v in KV_PER_TOKEN["template"]["inputs"].items()})
+    est.mistakes = [("far", est.answer * 3.1), ("near", est.answer * 3.0)]
+    assert est.judge(est.answer * 3.0).mistake == "near (or: far)"
 
 
 def test_answers_render_without_raw_latex():
@@ -217,6 +299,11 @@ def test_input_ending_midway_keeps_what_was_answered(tmp_path):
     (["mock", "gpus"], "unknown track 'gpus'"),
     (["drill", "start", "9.9"], "unknown drill '9.9'"),
     (["import", "missing.json"], "missing.json is not a practice export"),
+    (["mock", "compression", "--drill", "9.9"], "unknown drill '9.9'"),
+    (["mock", "compression", "--concepts", "-1"], "--concepts and --estimates are counts from 0"),
+    (["mock", "compression", "--report", "nowhere/m.md"], "the folder nowhere does not exist"),
+    (["stats", "--plot", "nowhere/s.png"], "the folder nowhere does not exist"),
+    (["export", "nowhere/h.json"], "cannot write nowhere/h.json"),
 ])
 def test_bad_input_gets_one_clear_line(tmp_path, args, message):
     run = cli(*args, db=tmp_path / "p.db", cwd=tmp_path)
@@ -304,6 +391,8 @@ def test_mock_interview_typed_at_a_terminal_writes_a_report(tmp_path):
     report = tmp_path / "mock.md"
     child = spawn(["mock", "attention-decoding", "--concepts", "1", "--estimates", "1", "--drill", "1.1",
                    "--seed", "5", "--report", str(report)], db, tmp_path)
+    (tmp_path / "dojo-drills").mkdir()
+    (tmp_path / "dojo-drills" / "drill_1_1.py").write_text("# an earlier drill, kept\n")
     child.expect("3 items")
     child.expect("Your answer")
     child.sendline("")
@@ -314,7 +403,7 @@ def test_mock_interview_typed_at_a_terminal_writes_a_report(tmp_path):
     child.expect(r"Your estimate \(")
     child.sendline("1")  # a wrong number
     child.expect("Not quite")
-    child.expect(r"Edit (\S+drill_1_1.py) in your editor")
+    child.expect(r"Edit (\S+drill_1_1_2.py) in your editor")
     (tmp_path / child.match.group(1)).write_text(SOLUTION_1_1)
     child.sendline("")
     child.expect("Drill 1.1: (\\d+)/(\\d+) points", timeout=180)
@@ -322,6 +411,7 @@ def test_mock_interview_typed_at_a_terminal_writes_a_report(tmp_path):
     child.expect("Report written")
     child.expect(pexpect_eof())
     text = report.read_text()
+    assert (tmp_path / "dojo-drills" / "drill_1_1.py").read_text() == "# an earlier drill, kept\n"
     assert "| concept | 100% |" in text and "| estimate | 0% |" in text and "| drill 1.1 | coding | 100% |" in text
     assert "## What to review" in text and "## Score by topic" in text
     stats = json.loads(cli("stats", "--json", "--plot", str(tmp_path / "s.png"), db=db).stdout)

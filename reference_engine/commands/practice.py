@@ -110,8 +110,9 @@ def _estimate(args, store, questions) -> int:
 
     rng = _rng(args)
     picked = deck.select(questions, args.chapter, ["estimate"], args.tag)
-    items = [rng.choice(picked) for _ in range(args.count)]
-    done = session.review(store, items, session.Terminal(), rng, session="estimate")
+    # without repeats while the pool lasts (each draw has fresh numbers anyway)
+    items = [q for _ in range(-(-args.count // len(picked))) for q in rng.sample(picked, len(picked))][:args.count]
+    done = session.review(store, items, session.Terminal(), rng)
     return 0 if len(done) == len(items) else 130
 
 
@@ -143,10 +144,16 @@ def _mock(args, store, questions) -> int:
     from ..practice.scheduler import utcnow
 
     drill = None if args.drill == "none" else args.drill
+    path = Path(args.report or f"mock-{args.track}-{utcnow():%Y%m%d-%H%M%S}.md")
+    if not path.parent.is_dir():  # found out now, not after the interview
+        raise DojoError(f"--report {path}: the folder {path.parent} does not exist")
     text, rows = mock.run(store, session.Terminal(), questions, args.track, _rng(args), args.concepts,
                           args.estimates, drill, Path(args.out))
-    path = Path(args.report or f"mock-{args.track}-{utcnow():%Y%m%d-%H%M%S}.md")
-    path.write_text(text, encoding="utf-8")
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as err:
+        print(text)
+        raise DojoError(f"cannot write the report to {path} ({err.strerror}); it is printed above") from None
     print(f"\nReport written to {path}")
     return 0
 
@@ -158,6 +165,12 @@ def _stats(args, store, questions) -> int:
     s = summarize(store, questions, utcnow())
     print(json.dumps(s) if args.json else format_stats(s))
     if args.plot:
+        if not Path(args.plot).parent.is_dir():
+            raise DojoError(f"--plot {args.plot}: the folder {Path(args.plot).parent} does not exist")
+        from importlib.util import find_spec
+
+        if find_spec("matplotlib") is None:
+            raise DojoError("--plot needs matplotlib: pip install matplotlib")
         print(f"Plot written to {plot(s, Path(args.plot))}", file=sys.stderr if args.json else sys.stdout)
     return 0
 

@@ -86,17 +86,28 @@ def stub_source(task_id: str, minutes: float) -> str:
     return "\n\n".join([header, cells.get("imports", "import torch"), *given, stub]).rstrip() + "\n"
 
 
-def start(store, task_id: str, folder: Path, minutes: float | None, questions: list[dict]) -> tuple[Path, float]:
+def start(store, task_id: str, folder: Path, minutes: float | None, questions: list[dict],
+          unique: bool = False) -> tuple[Path, float]:
+    """Write the drill's file into `folder` and start its clock. An existing file is never
+    overwritten: refused, or with unique=True (a mock interview) the new file is numbered."""
     t = task(task_id)
     minutes = minutes if minutes is not None else minutes_for(task_id, questions)
     if not 0 < minutes <= 240:
         raise DojoError(f"--minutes must be between 0 and 240, not {minutes}")
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"drill_{t.id.replace('.', '_')}.py"
+    stem = f"drill_{t.id.replace('.', '_')}"
+    path = folder / f"{stem}.py"
+    number = 1
+    while unique and path.exists():
+        number += 1
+        path = folder / f"{stem}_{number}.py"
     if path.exists():
         raise DojoError(f"{path} exists (an earlier drill?); submit it, move it away, or pass --out another folder")
-    path.write_text(stub_source(task_id, minutes).replace("{path}", str(path)), encoding="utf-8")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        path.write_text(stub_source(task_id, minutes).replace("{path}", str(path)), encoding="utf-8")
+    except OSError as err:
+        raise DojoError(f"cannot write the drill file {path} ({err.strerror}); pass --out a writable folder") from None
     store.start_drill(task_id, path, minutes * 60, utcnow())
     return path, minutes
 

@@ -55,10 +55,14 @@ class Estimate:
     inputs: dict
 
     def judge(self, number: float) -> "Verdict":
+        """Right within the tolerance; else the mistakes the number matches, the closest first
+        (two mistakes can give nearly the same number for some inputs: both are named)."""
         ok = close(number, self.answer, self.tolerance)
-        named = [name for name, wrong in self.mistakes if close(number, wrong, self.tolerance)]
-        return Verdict(ok, abs(number - self.answer) / abs(self.answer) if self.answer else abs(number),
-                       None if ok or not named else named[0])
+        matches = sorted((abs(number - wrong) / abs(wrong) if wrong else abs(number), name)
+                         for name, wrong in self.mistakes if close(number, wrong, self.tolerance))
+        names = list(dict.fromkeys(name for _, name in matches))
+        mistake = None if ok or not names else names[0] + "".join(f" (or: {n})" for n in names[1:])
+        return Verdict(ok, abs(number - self.answer) / abs(self.answer) if self.answer else abs(number), mistake)
 
 
 @dataclass
@@ -90,11 +94,15 @@ def evaluate(formula: str, inputs: dict) -> float:
     return eval(formula, {"__builtins__": {}}, namespace(inputs))  # repository data, see FUNCTIONS
 
 
+SINGULAR = re.compile(r"(?<![\d.,])1 (byte|bit|token|layer|block|sequence|request|step)s\b")
+
+
 def render(text: str, inputs: dict, answer: float | None = None) -> str:
+    """The text with the inputs filled in; '1 bytes' becomes '1 byte'."""
     names = namespace(inputs)
     if answer is not None:
         names["answer"] = answer
-    return text.format(**names)
+    return SINGULAR.sub(r"1 \1", text.format(**names))
 
 
 def default_inputs(template: dict) -> dict:
@@ -184,7 +192,12 @@ def parse_number(text: str, unit: str = "") -> float:
     naming what was typed and what is accepted."""
     match = NUMBER.match(text)
     suffix = match.group(2).lower().replace(" ", "") if match else None
-    units = {**UNITS, "%": 1, "percent": 1} if unit.lower() in ("%", "percent") else UNITS  # '25%' of a percentage is 25
+    units = {**UNITS, "%": 1, "percent": 1} if unit.lower() in ("%", "percent") else dict(UNITS)  # '25%' of a percentage is 25
+    if unit.lower() not in ("bytes", "byte"):
+        units["b"] = 1e9  # '8B parameters' is 8 billion; only a number of bytes reads B as bytes
+    if suffix in ("m", "mb") and unit.lower() in ("ms", "s", "seconds", "minutes", "min"):
+        raise ValueError(f"{text.strip()!r} is ambiguous for a time in {unit} (million? minutes?); type the number "
+                         f"of {unit}, for example 5 or 5 {unit}")
     if suffix is not None and suffix not in units:
         for word in sorted({unit.lower().replace(" ", ""), unit.lower().rstrip("s"), "bytes", "byte", "b"} - {""},
                            key=len, reverse=True):

@@ -19,6 +19,8 @@ from .session import Outcome, Stop, Terminal, ask, header
 def pick(questions: list[dict], track: str, rng: random.Random, concepts: int, estimates: int) -> list[dict]:
     if track not in TRACKS:
         raise DojoError(f"unknown track {track!r}; tracks are {', '.join(TRACKS)}")
+    if concepts < 0 or estimates < 0 or concepts + estimates > 30:
+        raise DojoError("--concepts and --estimates are counts from 0, together at most 30")
     pool = [q for q in questions if q["chapter"][:2] in TRACKS[track]]
     chosen = []
     for kind, count in (("concept", concepts), ("estimate", estimates)):
@@ -40,6 +42,8 @@ def run(store, term: Terminal, questions: list[dict], track: str, rng: random.Ra
     items = pick(questions, track, rng, concepts, estimates)
     if drill == "auto":
         drill = drill_task(questions, track, rng)
+    if drill:
+        drills.task(drill)  # an unknown id is refused before the first question, not after the last
     budget = sum(q["minutes"] for q in items) + (drills.minutes_for(drill, questions) if drill else 0)
     session = f"mock-{uuid.uuid4().hex[:8]}"
     started = utcnow()
@@ -74,11 +78,13 @@ def _drill(store, term: Terminal, task_id: str, folder: Path, questions: list[di
     t = drills.task(task_id)
     term.say()
     term.say(f"[{total}/{total}] drill {task_id}: {t.title}")
-    path, minutes = drills.start(store, task_id, folder, None, questions)
+    path, minutes = drills.start(store, task_id, folder, None, questions, unique=True)
     term.say(f"Edit {path} in your editor ({minutes:g} minutes). Press Enter here to have it graded.")
     term.ask("> ")
     try:
         result = drills.submit(store, str(path))
+    except KeyboardInterrupt:
+        raise Stop("interrupted while grading") from None
     except DojoError as err:  # a syntax error: the drill scores 0, the interview goes on
         term.say(f"  {err}")
         result = {"score": 0, "max_score": 1, "in_time": False, "seconds": minutes * 60, "limit_s": minutes * 60}

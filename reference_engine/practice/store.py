@@ -21,7 +21,7 @@ import os
 import shutil
 import sqlite3
 import uuid
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 from ..errors import DojoError
@@ -53,6 +53,8 @@ CREATE TABLE IF NOT EXISTS submissions (
     score INTEGER NOT NULL, max_score INTEGER NOT NULL, hints INTEGER NOT NULL);
 CREATE TRIGGER IF NOT EXISTS submissions_append_only BEFORE UPDATE ON submissions
     BEGIN SELECT RAISE(ABORT, 'the submission log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS submissions_append_only_d BEFORE DELETE ON submissions
+    BEGIN SELECT RAISE(ABORT, 'the submission log is append-only'); END;
 """
 
 
@@ -83,51 +85,84 @@ class Store:
             raise DojoError(f"{self.path} is a folder; the practice database is a file (set ${ENV} or --db to "
                             "a file path such as ~/practice.sqlite3)")
         self._check_existing()
-        self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        self.db.row_factory = sqlite3.Row
+        self.db = None
         try:
+            self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            self.db.row_factory = sqlite3.Row
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA busy_timeout=30000")
             self.db.executescript(SCHEMA)  # every statement is IF NOT EXISTS
             with self.transaction():
                 self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                version = int(self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
         except sqlite3.DatabaseError as err:
+            if self.db is not None:
+                self.db.close()
+            self._unusable(err)
+        if version > SCHEMA_VERSION:  # written between the check and now: refuse, touching nothing
             self.db.close()
-            self._refuse(f"is not a readable practice database ({err})")
+            raise DojoError(f"{self.path} was written by a newer Inference Dojo (schema {version}); upgrade first")
 
     # -- opening ---------------------------------------------------------------------------
     def _check_existing(self) -> None:
+        """Refuse a file that is not a practice database, is damaged, or is newer than this code."""
         if not self.path.exists() or self.path.stat().st_size == 0:
             return
         try:
-            probe = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30)
+            probe = sqlite3.connect(self.path.resolve().as_uri() + "?mode=ro", uri=True, timeout=30)
             try:
                 ok = probe.execute("PRAGMA quick_check").fetchone()[0]
                 tables = {r[0] for r in probe.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-                version = None
-                if "meta" in tables:
-                    row = probe.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-                    version = int(row[0]) if row else None
+                row = probe.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() \
+                    if "meta" in tables else None
             finally:
                 probe.close()
-        except (sqlite3.DatabaseError, ValueError) as err:
-            self._refuse(f"is not a readable practice database ({err})")
+        except sqlite3.DatabaseError as err:
+            self._unusable(err)
         if ok != "ok":
-            self._refuse(f"is damaged (SQLite's check says: {ok})")
+            self._move_aside(f"is damaged (SQLite's check says: {ok})")
+        if tables and row is None:
+            raise DojoError(f"{self.path} is an SQLite database, but not a practice database (it has tables "
+                            f"{', '.join(sorted(tables)[:5])}); it was not touched. Pass another file with --db.")
+        version = int(row[0]) if row is not None and str(row[0]).isdigit() else None
+        if row is not None and version is None:
+            self._move_aside(f"has an unreadable schema version ({row[0]!r})")
         if version is not None and version > SCHEMA_VERSION:
-            self._refuse(f"was written by a newer Inference Dojo (schema {version}; this version reads up to "
-                         f"{SCHEMA_VERSION}). Upgrade the package (pip install -U inference-dojo)", keep=True)
+            backup = self.path.with_name(f"{self.path.name}.schema{version}.bak")
+            if not backup.exists():  # one copy, not one per attempt
+                self._copy(backup)
+            raise DojoError(f"{self.path} was written by a newer Inference Dojo (schema {version}; this version "
+                            f"reads up to {SCHEMA_VERSION}). Upgrade the package (pip install -U inference-dojo). "
+                            f"It was left as it is; a copy is at {backup}.")
 
-    def _refuse(self, problem: str, keep: bool = False) -> None:
+    def _unusable(self, err: sqlite3.DatabaseError) -> None:
+        """A file SQLite cannot read as a database is moved aside; a busy, read-only or full one is
+        left alone (nothing is wrong with it)."""
+        code = getattr(err, "sqlite_errorcode", None)
+        if code in (sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT) or "not a database" in str(err):
+            self._move_aside(f"is not a readable practice database ({err})")
+        raise DojoError(f"cannot use the practice database {self.path} ({err}); it was not touched. If another "
+                        "practice session holds it, finish that one first.") from None
+
+    def _copy(self, backup: Path) -> None:
+        shutil.copy2(self.path, backup)
+        for suffix in ("-wal", "-shm"):
+            side = self.path.with_name(self.path.name + suffix)
+            if side.exists():
+                shutil.copy2(side, backup.with_name(backup.name + suffix))
+
+    def _move_aside(self, problem: str) -> None:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         backup = self.path.with_name(f"{self.path.name}.{stamp}.bak")
-        shutil.copy2(self.path, backup)
-        if keep:
-            raise DojoError(f"{self.path} {problem}. It was left as it is; a copy is at {backup}.")
-        self.path.rename(self.path.with_name(f"{self.path.name}.{stamp}.unreadable"))
-        raise DojoError(f"{self.path} {problem}. Nothing was overwritten: the file was moved to "
-                        f"{self.path.name}.{stamp}.unreadable and copied to {backup}. The next run starts a "
-                        f"new database; `practice import FILE` restores an export.")
+        aside = self.path.with_name(f"{self.path.name}.{stamp}.unreadable")
+        self._copy(backup)
+        for suffix in ("", "-wal", "-shm"):  # the write-ahead log belongs to the file it was written for
+            side = self.path.with_name(self.path.name + suffix)
+            if side.exists():
+                side.rename(aside.with_name(aside.name + suffix))
+        raise DojoError(f"{self.path} {problem}. Nothing was overwritten: the file was moved to {aside.name} and "
+                        f"copied to {backup.name}. The next run starts a new database; `practice import FILE` "
+                        "restores an export.")
 
     def transaction(self):
         return _Transaction(self.db)
@@ -153,19 +188,26 @@ class Store:
 
     def record_review(self, question: dict, rating: int, seconds: float, when: datetime, session: str,
                       correct: bool | None = None, detail: dict | None = None) -> datetime:
-        """Append the review to the log and move the card on; returns when it is due next."""
+        """Append the review to the log and move the card on; returns when it is due next.
+        The card's state is replayed from its log inside the write transaction, so two sessions
+        reviewing the same card leave the state the log's time order gives."""
+        if rating not in scheduler.RATINGS:
+            raise ValueError(f"a rating is 1 to 4, not {rating!r}")
         with self.transaction():
-            row = self.card(question["id"])
-            state = row["state"] if row is not None else scheduler.new_state()
-            state, due = scheduler.review(state, rating, when)
             self.db.execute(
                 "INSERT INTO reviews (review_id, question_id, content_hash, kind, rating, correct, seconds, "
                 "reviewed_at, session, detail) VALUES (?,?,?,?,?,?,?,?,?,?)",
                 (uuid.uuid4().hex, question["id"], content_hash(question), question["kind"], rating,
                  None if correct is None else int(correct), seconds, when.isoformat(), session,
                  json.dumps(detail or {}, default=str)))
-            self.db.execute("INSERT OR REPLACE INTO cards VALUES (?,?,0,?,?)",
-                            (question["id"], content_hash(question), state, due.isoformat()))
+            return self._replay_card(question["id"], content_hash(question), changed=0)
+
+    def _replay_card(self, question_id: str, hash_: str, changed: int) -> datetime:
+        log = [(r["rating"], datetime.fromisoformat(r["reviewed_at"])) for r in self.db.execute(
+            "SELECT rating, reviewed_at FROM reviews WHERE question_id=? ORDER BY reviewed_at, seq", (question_id,))]
+        state, due = scheduler.replay(log)
+        self.db.execute("INSERT OR REPLACE INTO cards VALUES (?,?,?,?,?)",
+                        (question_id, hash_, changed, state, due.isoformat()))
         return due
 
     def reviews(self) -> list[sqlite3.Row]:
@@ -173,18 +215,16 @@ class Store:
 
     def rebuild_cards(self) -> None:
         """Every card's state replayed from the review log (after an import, or a scheduler change)."""
-        by_card: dict[str, list] = {}
-        hashes = {}
-        for r in self.reviews():
-            by_card.setdefault(r["question_id"], []).append((r["rating"], datetime.fromisoformat(r["reviewed_at"])))
-            hashes[r["question_id"]] = r["content_hash"]
         with self.transaction():
-            for question_id, log in by_card.items():
-                state, due = scheduler.replay(log)
-                old = self.card(question_id)
-                changed = int(old["changed"]) if old is not None and old["content_hash"] == hashes[question_id] else 0
-                self.db.execute("INSERT OR REPLACE INTO cards VALUES (?,?,?,?,?)",
-                                (question_id, hashes[question_id], changed, state, due.isoformat()))
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        latest = {r["question_id"]: r["content_hash"] for r in self.db.execute(
+            "SELECT question_id, content_hash FROM reviews ORDER BY reviewed_at, seq")}
+        for question_id, hash_ in latest.items():
+            old = self.card(question_id)
+            changed = int(old["changed"]) if old is not None and old["content_hash"] == hash_ else 0
+            self._replay_card(question_id, hash_, changed)
 
     # -- drills ----------------------------------------------------------------------------
     def start_drill(self, task: str, path: Path, limit_s: float, when: datetime) -> str:
@@ -221,6 +261,7 @@ class Store:
 
     # -- moving between machines -------------------------------------------------------------
     def export(self, path: Path) -> dict:
+        """Every log row as JSON, written atomically (a temporary file, then a rename)."""
         data = {"format": EXPORT_FORMAT, "schema": SCHEMA_VERSION,
                 "reviews": [dict(r) for r in self.reviews()],
                 "drills": [dict(r) for r in self.db.execute("SELECT * FROM drills")],
@@ -229,36 +270,80 @@ class Store:
             for row in data[table]:
                 row.pop("seq")
         tmp = Path(path).with_name(Path(path).name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
-        tmp.replace(path)
+        try:
+            tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
+            tmp.replace(path)
+        except OSError as err:
+            raise DojoError(f"cannot write {path} ({err.strerror}); choose a writable path") from None
         return {k: len(v) for k, v in data.items() if isinstance(v, list)}
 
     def import_(self, path: Path) -> dict:
-        """Merge an export into this database: rows already here (same ids) are skipped, and
-        the cards are replayed from the merged log."""
+        """Merge an export into this database: every row is checked first (nothing is written if
+        one is wrong), rows already here (same ids) are skipped, and the cards are replayed from
+        the merged log in the same transaction."""
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise DojoError(f"{path} is not a practice export ({type(err).__name__}: {err})") from None
         if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
             raise DojoError(f"{path} is not a practice export (made by `practice export FILE`)")
-        if data.get("schema", 0) > SCHEMA_VERSION:
+        if not isinstance(data.get("schema"), int) or isinstance(data.get("schema"), bool):
+            raise DojoError(f"{path}: the export's schema must be a whole number, not {data.get('schema')!r}")
+        if data["schema"] > SCHEMA_VERSION:
             raise DojoError(f"{path} was exported by a newer Inference Dojo (schema {data['schema']}); upgrade first")
+        tables = {"reviews": "review_id", "drills": "drill_id", "submissions": "submission_id"}
+        for table in tables:
+            rows = data.get(table, [])
+            if not isinstance(rows, list):
+                raise DojoError(f"{path}: {table} must be a list of rows")
+            columns = {r["name"] for r in self.db.execute(f"PRAGMA table_info({table})")} - {"seq"}
+            for i, row in enumerate(rows):
+                problem = _row_problem(table, row, columns)
+                if problem:
+                    raise DojoError(f"{path}: {table} row {i + 1} {problem}; nothing was imported")
         added = {}
         try:
             with self.transaction():
-                for table, key in (("reviews", "review_id"), ("drills", "drill_id"), ("submissions", "submission_id")):
-                    rows = data.get(table, [])
+                for table in tables:
                     before = self.db.total_changes
-                    for row in rows:
-                        columns = ", ".join(row)
-                        self.db.execute(f"INSERT OR IGNORE INTO {table} ({columns}) VALUES "
-                                        f"({', '.join('?' * len(row))})", list(row.values()))
+                    for row in data.get(table, []):
+                        row = {k: _utc(v) if k.endswith("_at") else v for k, v in row.items()}
+                        names = sorted(row)  # checked against the table's columns above
+                        self.db.execute(f"INSERT OR IGNORE INTO {table} ({', '.join(names)}) VALUES "
+                                        f"({', '.join('?' * len(names))})", [row[n] for n in names])
                     added[table] = self.db.total_changes - before
-        except (sqlite3.DatabaseError, AttributeError, TypeError) as err:
+                self._rebuild()
+        except (sqlite3.DatabaseError, ValueError) as err:
             raise DojoError(f"{path}: an entry does not fit this database ({err}); nothing was imported") from None
-        self.rebuild_cards()
         return added
+
+
+def _utc(text: str) -> str:
+    """A checked timestamp in the form the log sorts by: ISO 8601 in UTC."""
+    return datetime.fromisoformat(str(text)).astimezone(timezone.utc).isoformat()
+
+
+def _row_problem(table: str, row, columns: set[str]) -> str | None:
+    """What is wrong with one row of an export, or None."""
+    if not isinstance(row, dict):
+        return "is not a mapping of columns"
+    unknown = set(row) - columns
+    if unknown:
+        return f"has unknown columns {', '.join(sorted(unknown))}"
+    if table == "reviews":
+        if row.get("rating") not in scheduler.RATINGS or isinstance(row.get("rating"), bool):
+            return f"has rating {row.get('rating')!r}; ratings are 1 to 4"
+        if row.get("kind") not in ("concept", "estimate", "coding"):
+            return f"has kind {row.get('kind')!r}"
+    for key in ("reviewed_at", "started_at", "submitted_at"):
+        if key in row:
+            try:
+                when = datetime.fromisoformat(str(row[key]))
+            except ValueError:
+                return f"has {key} {row[key]!r}, not a date and time"
+            if when.tzinfo is None:
+                return f"has {key} {row[key]!r} without a time zone"
+    return None
 
 
 class _Transaction:

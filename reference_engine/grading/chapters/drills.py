@@ -4,8 +4,10 @@ articles' two programming problems, on SmolLM2's hidden states (`practice/classi
 D.1 trains a linear softmax classifier on the accelerator (`device`: "cuda" where the
 grader has a GPU, else "cpu"); it is judged by what the classifier does on held-out texts
 from paragraphs it never saw, against the reference's accuracy on the same split, so any
-sound training recipe passes and a classifier that only works on standardized inputs does
-not. D.2 computes that classifier's logits with int8 weights and activations; values are
+sound training recipe passes. The features are first put through a fixed per-feature affine
+map (scales from 0.03 to 30, offsets of a few standard deviations): a sound classifier does
+not care, while one whose standardization is folded back wrongly (the bias shifted by the
+unscaled mean) or not at all stops working on raw features. D.2 computes that classifier's logits with int8 weights and activations; values are
 compared with the same scheme in float64, allowing only the codes that sit on a rounding
 tie (x / s within 1e-3 of k + 0.5, where float32 and float64 may round apart).
 
@@ -50,11 +52,13 @@ def _dataset():
     return classifier
 
 
-def fitted_split(g):
+def fitted_split(g, transform=None):
     """A fresh split of the texts and the reference classifier trained on it:
     (features, labels, train, held, weight, bias, seed), weight and bias in float64."""
     c = _dataset()
     x, y, source = c.dataset()
+    if transform is not None:
+        x = transform(x)
     seed = int(torch.randint(0, 10_000, (1,), generator=g))
     train, held = c.split(source, seed)
     weight, bias = c.train_linear(x[train], y[train], N_CLASSES)
@@ -97,9 +101,18 @@ def judge_accuracy(held_x, held_y, reference_accuracy, out, *args) -> str | None
     return None
 
 
+def rescaled(x: torch.Tensor) -> torch.Tensor:
+    """x * scale + offset per feature, the same map every time (see the module docstring)."""
+    g = torch.Generator().manual_seed(7)
+    d = x.shape[1]
+    scale = torch.logspace(-1.5, 1.5, d)[torch.randperm(d, generator=g)]
+    offset = torch.randn(d, generator=g) * 4 * x.std(0) * scale
+    return x * scale + offset
+
+
 def train_cases(g) -> list[Case]:
     c = _dataset()
-    x, y, train, held, weight, bias, seed = fitted_split(g)
+    x, y, train, held, weight, bias, seed = fitted_split(g, rescaled)
     reference = c.accuracy(x[held].double() @ weight.T + bias, y[held])
     args = [x[train].clone(), y[train].clone(), N_CLASSES, DEVICE]
     note = f"{len(train)} texts, split {seed}, device {DEVICE}"
