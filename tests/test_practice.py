@@ -6,6 +6,7 @@ typed at a pseudo-terminal (pexpect), with Ctrl-C in the middle."""
 import json
 import os
 import random
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -22,6 +23,17 @@ from reference_engine.practice.store import SCHEMA_VERSION, Store
 QUESTIONS = deck.all_questions()
 BY_ID = {q["id"]: q for q in QUESTIONS}
 KV_PER_TOKEN = BY_ID["01-14"]  # bytes of KV cache per token: the template with named mistakes
+
+
+def in_process(*args, db, cwd, monkeypatch, capsys):
+    """The command run in this process (no interpreter start-up): (exit code, stdout, stderr)."""
+    from reference_engine.cli import main
+
+    monkeypatch.setenv("DOJO_PRACTICE_DB", str(db))
+    monkeypatch.chdir(cwd)
+    code = main(["practice", *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
 def cli(*args, db, stdin="", cwd=None, timeout=120):
@@ -279,7 +291,7 @@ def test_scripted_review_checks_numbers_names_mistakes_and_saves(tmp_path):
     assert "Correct:" in run.stdout and "Not quite" in run.stdout
     assert f"common mistake: {mistake_name}" in run.stdout
     assert run.stdout.count("Worked steps:") == 2
-    stats = json.loads(cli("stats", "--json", db=db).stdout)
+    stats = json.loads(cli("stats", "--json", db=db).stdout)  # a second process reads what the first saved
     assert stats["reviews"] == 2 and stats["cards"] == 2 and stats["recall_rate"] == 0.5
 
 
@@ -305,26 +317,29 @@ def test_input_ending_midway_keeps_what_was_answered(tmp_path):
     (["stats", "--plot", "nowhere/s.png"], "the folder nowhere does not exist"),
     (["export", "nowhere/h.json"], "cannot write nowhere/h.json"),
 ])
-def test_bad_input_gets_one_clear_line(tmp_path, args, message):
-    run = cli(*args, db=tmp_path / "p.db", cwd=tmp_path)
-    assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr
+def test_bad_input_gets_one_clear_line(tmp_path, args, message, monkeypatch, capsys):
+    code, _, err = in_process(*args, db=tmp_path / "p.db", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1
 
 
-def test_a_damaged_database_is_named_by_the_command_with_its_backup(tmp_path):
+def test_a_damaged_database_is_named_by_the_command_with_its_backup(tmp_path, monkeypatch, capsys):
     db = tmp_path / "p.db"
     db.write_bytes(b"\x00" * 4096)
-    run = cli("stats", db=db)
+    run = cli("stats", db=db)  # through the real entry point once: one line, no traceback
     assert run.returncode == 2 and "is not a readable practice database" in run.stderr
     assert "Traceback" not in run.stderr and list(tmp_path.glob("p.db.*.bak"))
-    folder = cli("stats", db=tmp_path)
-    assert folder.returncode == 2 and "is a folder" in folder.stderr
+    code, _, err = in_process("stats", db=tmp_path, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 2 and "is a folder" in err
 
 
 def spawn(args, db, cwd):
     pexpect = pytest.importorskip("pexpect")  # a test dependency: installed by `make setup`
     env = {**os.environ, "DOJO_PRACTICE_DB": str(db), "COLUMNS": "100"}
+    # subtle: pytest-xdist's workers ignore SIGINT, and an ignored signal stays ignored in a
+    # child; restore the default so that Ctrl-C reaches the session as it does at a terminal
     return pexpect.spawn(sys.executable, ["-m", "reference_engine", "practice", *args], env=env, cwd=str(cwd),
-                         encoding="utf-8", timeout=60)
+                         encoding="utf-8", timeout=60,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def test_typed_at_a_terminal_concept_review_then_ctrl_c(tmp_path):
@@ -370,20 +385,22 @@ def stable_softmax(x, dim=-1):
 '''
 
 
-def test_drill_stub_fails_hints_count_and_a_syntax_error_is_named(tmp_path):
+def test_drill_stub_fails_hints_count_and_a_syntax_error_is_named(tmp_path, monkeypatch, capsys):
     db = tmp_path / "p.db"
-    start = cli("drill", "start", "1.1", "--minutes", "5", db=db, cwd=tmp_path)
-    assert start.returncode == 0, start.stderr
+
+    def run(*args):
+        return in_process(*args, db=db, cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+
+    assert run("drill", "start", "1.1", "--minutes", "5")[0] == 0
     path = tmp_path / "dojo-drills" / "drill_1_1.py"
     assert "def stable_softmax" in path.read_text() and "Task 1.1" in path.read_text()
-    assert cli("drill", "start", "1.1", db=db, cwd=tmp_path).returncode == 2, "an existing drill file is not overwritten"
-    hint = cli("drill", "hint", db=db, cwd=tmp_path)
-    assert hint.stdout.startswith("Hint 1 of")
-    stub = cli("drill", "submit", db=db, cwd=tmp_path)
+    assert run("drill", "start", "1.1")[0] == 2, "an existing drill file is not overwritten"
+    assert run("drill", "hint")[1].startswith("Hint 1 of")
+    stub = cli("drill", "submit", db=db, cwd=tmp_path)  # the real command, grading in its sandbox
     assert stub.returncode == 1 and "Drill 1.1: 0/" in stub.stdout and "1 hint" in stub.stdout
     path.write_text(SOLUTION_1_1.replace("e.sum(", "e.sum((") + "\n")
-    broken = cli("drill", "submit", str(path), db=db, cwd=tmp_path)
-    assert broken.returncode == 2 and "drill_1_1.py line 7" in broken.stderr and "Traceback" not in broken.stderr
+    code, _, err = run("drill", "submit", str(path))
+    assert code == 2 and "drill_1_1.py line 7" in err and err.count("\n") == 1
 
 
 def test_mock_interview_typed_at_a_terminal_writes_a_report(tmp_path):

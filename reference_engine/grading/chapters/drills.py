@@ -198,7 +198,7 @@ register_drills(
             "accuracy": Check(3, "train softmax regression with cross-entropy (standardizing the features helps: then "
                                  "fold the mean and scale back into weight and bias, so they apply to raw features)"),
         },
-        common_checks=("inputs_unchanged",), seeds=(0, 1), hidden_seeds=(101,), rtol=1e-4, atol=1e-4,
+        common_checks=("inputs_unchanged",), seeds=(0,), hidden_seeds=(101,), rtol=1e-4, atol=1e-4,
     ),
     Task(
         id="D.2", chapter="drills", title="the classifier in int8", function="int8_logits",
