@@ -126,7 +126,6 @@ GPU_SPEED_NOTE = "speed: not graded (it means something only on a GPU); no point
 
 TASKS: dict[str, Task] = {}
 CHAPTERS: dict[str, list[Task]] = {}
-DRILLS: list[Task] = []  # tasks written for practice drills only: graded like the others, no notebook
 
 
 def register(*tasks: Task) -> None:
@@ -136,9 +135,9 @@ def register(*tasks: Task) -> None:
 
 
 def register_drills(*tasks: Task) -> None:
+    """Tasks written for practice drills only: graded like the others, in no chapter (no notebook)."""
     for task in tasks:
         TASKS[task.id] = task
-        DRILLS.append(task)
 
 
 def load_chapters() -> None:

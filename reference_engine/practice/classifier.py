@@ -160,10 +160,12 @@ def train_linear(features: torch.Tensor, labels: torch.Tensor, n_classes: int, s
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per row: codes = round(x / s), s = max|row| / 127 (a zero row keeps s = 0)."""
-    scale = x.abs().amax(dim=1) / 127
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return torch.round(x / safe[:, None]).clamp(-127, 127), scale
+    """Symmetric int8 per row, in x's precision: codes = round(x / s), s = max|row| / 127 (a
+    zero row gets s = 1 and codes 0): chapter 4's `scale_and_zero` and `quantize_codes`."""
+    from ..compression.formats import quantize_codes, scale_and_zero
+
+    scale, _ = scale_and_zero(x.amin(dim=1), x.amax(dim=1), 8, symmetric=True)
+    return quantize_codes(x, scale[:, None], None, 8, symmetric=True), scale
 
 
 def int8_logits(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

@@ -100,7 +100,7 @@ def report(track: str, started: datetime, budget: float, rows: list[dict], total
     overall = sum(r["score"] for r in rows) / len(rows) if rows else 0.0
     lines = [f"# Mock interview: {track}", "",
              f"{started:%Y-%m-%d %H:%M} UTC. Score {overall:.0%} over {len(rows)} of {total} items; "
-             f"time {_clock(spent)} against a budget of {budget:g} minutes."]
+             f"time {drills.clock(spent)} against a budget of {budget:g} minutes."]
     if stopped:
         lines += ["", f"Stopped before the end ({stopped}); unanswered items are not scored."]
     lines += ["", "## Score by topic", "", "| topic | items | score |", "|---|---:|---:|"]
@@ -112,8 +112,8 @@ def report(track: str, started: datetime, budget: float, rows: list[dict], total
     lines += ["", "## Items", "", "| # | item | kind | score | time | budget |", "|---:|---|---|---:|---:|---:|"]
     for i, r in enumerate(rows, 1):
         late = " (over)" if r["seconds"] > r["budget_s"] else ""
-        lines.append(f"| {i} | {r['id']} | {r['kind']} | {r['score']:.0%} | {_clock(r['seconds'])}{late} | "
-                     f"{_clock(r['budget_s'])} |")
+        lines.append(f"| {i} | {r['id']} | {r['kind']} | {r['score']:.0%} | {drills.clock(r['seconds'])}{late} | "
+                     f"{drills.clock(r['budget_s'])} |")
     weak = [r for r in rows if r["score"] < 0.7]
     lines += ["", "## What to review", ""]
     if not weak:
@@ -123,7 +123,3 @@ def report(track: str, started: datetime, budget: float, rows: list[dict], total
         text = text if len(text) <= 100 else text[:97] + "..."
         lines.append(f"- **{r['id']}** ({r['score']:.0%}, tags {', '.join(r['tags'])}): {text}")
     return "\n".join(lines) + "\n"
-
-
-def _clock(seconds: float) -> str:
-    return f"{int(seconds // 60)}:{int(seconds % 60):02d}"

@@ -174,7 +174,8 @@ def review(store, items: list[dict], term: Terminal, rng: random.Random, session
         for i, q in enumerate(items, 1):
             term.say()
             term.say(header(q, i, len(items)))
-            if store.card(q["id"]) is not None and store.card(q["id"])["changed"]:
+            card = store.card(q["id"])
+            if card is not None and card["changed"]:
                 term.say("(this question changed since you last answered it; its history is kept)")
             outcome = ask(term, q, rng)
             due = store.record_review(q, outcome.rating, outcome.seconds, utcnow(), session, outcome.correct,

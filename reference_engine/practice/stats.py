@@ -44,7 +44,8 @@ def _forecast(cards: dict, now: datetime) -> list[int]:
     days = [0] * 14
     for c in cards.values():
         ahead = (datetime.fromisoformat(c["due"]) - now).days
-        days[min(max(ahead, 0), 13)] += 1 if ahead < 14 else 0
+        if ahead < 14:
+            days[max(ahead, 0)] += 1
     return days
 
 

@@ -193,14 +193,15 @@ class Store:
         reviewing the same card leave the state the log's time order gives."""
         if rating not in scheduler.RATINGS:
             raise ValueError(f"a rating is 1 to 4, not {rating!r}")
+        hash_ = content_hash(question)
         with self.transaction():
             self.db.execute(
                 "INSERT INTO reviews (review_id, question_id, content_hash, kind, rating, correct, seconds, "
                 "reviewed_at, session, detail) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (uuid.uuid4().hex, question["id"], content_hash(question), question["kind"], rating,
+                (uuid.uuid4().hex, question["id"], hash_, question["kind"], rating,
                  None if correct is None else int(correct), seconds, when.isoformat(), session,
                  json.dumps(detail or {}, default=str)))
-            return self._replay_card(question["id"], content_hash(question), changed=0)
+            return self._replay_card(question["id"], hash_, changed=0)
 
     def _replay_card(self, question_id: str, hash_: str, changed: int) -> datetime:
         log = [(r["rating"], datetime.fromisoformat(r["reviewed_at"])) for r in self.db.execute(

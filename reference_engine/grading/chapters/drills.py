@@ -134,9 +134,8 @@ def tie_slack(features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     c = _dataset()
 
     def ties(t):
-        codes, scale = c.quantize_rows(t.double())
-        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        frac = (t.double() / safe[:, None]).abs() % 1
+        codes, scale = c.quantize_rows(t.double())  # a zero row: scale 1, codes 0, no ties
+        frac = (t.double() / scale[:, None]).abs() % 1
         return ((frac - 0.5).abs() < 1e-3).double(), codes.abs(), scale
 
     tx, qx, sx = ties(features)
