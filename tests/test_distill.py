@@ -126,6 +126,31 @@ def test_distillation_lowers_the_students_kl_to_the_teacher():
     assert torch.equal(student.tok_embeddings.weight, teacher.tok_embeddings.weight)  # frozen by default
 
 
+def test_a_teacher_cache_trains_the_same_student_and_runs_the_teacher_once_per_window(monkeypatch):
+    teacher, windows = tiny_setup()
+    cfg = train.DistillConfig(steps=4, batch=3, warmup=2, lr=3e-3, alpha=0.5)
+    plain = keep_blocks(teacher, [0])
+    train.distill(plain, teacher, windows, cfg, progress=False)
+    teacher_rows, real_final_hidden = [], train.final_hidden
+
+    def counting(model, ids):
+        if model is teacher:
+            teacher_rows.append(len(ids))
+        return real_final_hidden(model, ids)
+
+    monkeypatch.setattr(train, "final_hidden", counting)
+    cache = train.TeacherCache(teacher)
+    for run in range(2):  # the second run trains on the same windows: only cache hits
+        cached = keep_blocks(teacher, [0])
+        train.distill(cached, teacher, windows, cfg, progress=False, cache=cache)
+        for a, b in zip(plain.parameters(), cached.parameters()):
+            assert torch.allclose(a, b, rtol=0, atol=1e-6)
+    assert sum(teacher_rows) == cache.misses == 12  # 4 steps x 3 rows: every window of the first epoch once
+    assert cache.hits == 12
+    with pytest.raises(DojoError, match="another teacher"):
+        train.distill(keep_blocks(teacher, [0]), tiny_llama(seed=1), windows, cfg, progress=False, cache=cache)
+
+
 def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     teacher, windows = tiny_setup()
     cfg = train.DistillConfig(steps=6, batch=2, warmup=2, lr=3e-3)

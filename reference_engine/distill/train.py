@@ -81,6 +81,34 @@ def final_hidden(model, ids: torch.Tensor) -> torch.Tensor:
     return model.norm(x)
 
 
+class TeacherCache:
+    """The teacher's final hidden states per training window, computed the first time a
+    window is seen: runs that train on the same windows (the lesson's runs compared at one
+    step budget, or a forward and a reverse run on the same text) pay for the teacher once.
+
+    Hidden states rather than logits: 576 numbers per position instead of 49,152, and the
+    teacher's head turns them into exactly the logits a fresh forward would give, so the
+    full distribution is kept (a top-k cache would cut the tail that temperature raises).
+    A 256-token window takes 590 KB; the cache lives in memory, for one process's runs."""
+
+    def __init__(self, teacher):
+        self.teacher = teacher
+        self.rows: dict[bytes, torch.Tensor] = {}
+        self.hits = self.misses = 0
+
+    @torch.no_grad()
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, T, d) for windows ids (B, T), running the teacher only on windows not seen yet."""
+        keys = [row.numpy().tobytes() for row in ids]  # the tokens themselves: equal windows, one entry
+        new = [i for i, k in enumerate(keys) if k not in self.rows]
+        if new:
+            for i, h in zip(new, final_hidden(self.teacher, ids[new])):
+                self.rows[keys[i]] = h
+        self.misses += len(new)
+        self.hits += len(keys) - len(new)
+        return torch.stack([self.rows[k] for k in keys])
+
+
 def trainable(student, cfg: DistillConfig) -> list[tuple[str, torch.nn.Parameter]]:
     params = []
     for name, p in student.named_parameters():
@@ -98,16 +126,19 @@ def make_optimizer(params: list[tuple[str, torch.nn.Parameter]], cfg: DistillCon
 
 
 def train_step(student, teacher, ids: torch.Tensor, valid: torch.Tensor, cfg: DistillConfig,
-               optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> dict[str, float]:
+               optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
+               cache: TeacherCache | None = None) -> dict[str, float]:
     """One optimizer step on windows ids (B, T); valid (B, T) False on padding. Position t
-    predicts token t + 1, so the last position has no target and padding targets are masked."""
+    predicts token t + 1, so the last position has no target and padding targets are masked.
+    With `cache`, the teacher's hidden states come from it (computed there once per window)."""
     optimizer.zero_grad(set_to_none=True)
     targets = ids[:, 1:].reshape(-1)
     keep = valid[:, 1:].reshape(-1) & valid[:, :-1].reshape(-1)
     teacher_hidden = None
     if cfg.alpha > 0:
         with torch.no_grad():
-            teacher_hidden = final_hidden(teacher, ids)[:, :-1].reshape(-1, teacher.config.d_model)
+            hidden = cache(ids) if cache is not None else final_hidden(teacher, ids)
+            teacher_hidden = hidden[:, :-1].reshape(-1, teacher.config.d_model)
     student_hidden = final_hidden(student, ids)[:, :-1].reshape(-1, student.config.d_model)
     out = chunked_distill_backward(student_hidden, teacher_hidden, student.head, teacher.head, targets, keep,
                                    chunk=cfg.chunk, alpha=cfg.alpha, temperature=cfg.temperature,
@@ -184,11 +215,15 @@ class History:
 
 def distill(student, teacher, windows: torch.Tensor, cfg: DistillConfig, valid: torch.Tensor | None = None,
             checkpoint: str | os.PathLike | None = None, identity: dict | None = None, save_every: int = 25,
-            progress: bool = True) -> History:
+            progress: bool = True, cache: TeacherCache | None = None) -> History:
     """Train `student` in place for cfg.steps steps on token windows (N, T) (valid: False
     on padding). With `checkpoint`, an existing checkpoint of the same run is resumed and a
-    new one is written every `save_every` steps and at the end."""
+    new one is written every `save_every` steps and at the end. With `cache` (a
+    `TeacherCache` of this teacher), windows another run already showed the teacher are
+    not run through it again."""
     cfg.check()
+    if cache is not None and cache.teacher is not teacher:
+        raise DojoError("this TeacherCache holds another teacher's hidden states: make one with TeacherCache(teacher)")
     if len(windows) < 1:
         raise DojoError("no training windows")
     valid = torch.ones_like(windows, dtype=torch.bool) if valid is None else valid
@@ -209,7 +244,7 @@ def distill(student, teacher, windows: torch.Tensor, cfg: DistillConfig, valid: 
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg)
             rows = batch_rows(step, len(windows), cfg.batch, cfg.seed)
-            out = train_step(student, teacher, windows[rows], valid[rows], cfg, optimizer, params)
+            out = train_step(student, teacher, windows[rows], valid[rows], cfg, optimizer, params, cache)
             tokens += int(valid[rows].sum())
             history.steps.append(step)
             for k in ("loss", "kl", "ce"):
