@@ -87,12 +87,31 @@ def run_formats(names: list[str], model_path=None, new_tokens: int = 64, n_windo
     text_ids = tokenizer.encode(reference_text())
     batch = [text_ids[i * 200: i * 200 + 16 + 4 * i] for i in range(16)]  # as `bench` does
     prefill = text_ids[:min(512, reference.config.max_seq_len // 2)]
-    rows = []
+    rows, fp32 = [], None
     for name in tqdm(["fp32", *names], desc="formats", unit="format", leave=False):
         model, _ = load_model(model_path, quantize=None if name == "fp32" else name)
-        rows.append(measure(name, model, prompt, prefill, batch, windows, reference, new_tokens))
+        row = measure(name, model, prompt, prefill, batch, windows, reference, new_tokens)
+        if fp32 is None:
+            fp32 = model  # kept: every format's speed-up is timed against it side by side
+        else:
+            row["speedup_vs_fp32"] = paired_speedup(fp32, model, prompt, new_tokens)
+        rows.append(row)
         del model
     return rows
+
+
+def paired_speedup(base, model, prompt: list[int], new_tokens: int, rounds: int = 3) -> float:
+    """`model`'s batch-1 decode tokens/s over `base`'s: the median of rounds that time
+    both back to back. This machine's memory bandwidth moves between states minutes apart
+    (32 to 80 GB/s have been read here), and moves a bandwidth-bound float32 decode more
+    than a quantized one, so a ratio of two rows measured at different moments carries the
+    move; a ratio taken within one round does not."""
+    ratios = []
+    for _ in range(rounds):
+        theirs = bench_decode(base, [prompt], new_tokens, repeats=1)
+        ours = bench_decode(model, [prompt], new_tokens, repeats=1)
+        ratios.append(ours / theirs)
+    return statistics.median(ratios)
 
 
 def format_formats_table(rows: list[dict]) -> str:
@@ -105,10 +124,10 @@ def format_formats_table(rows: list[dict]) -> str:
                       f"{r['kl']:.4f}", r["path"]))
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     text = "\n".join("  " + "  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
-    base = rows[0]["decode_tok_s"]
-    speedups = ", ".join(f"{r['format']} {r['decode_tok_s'] / base:.2f}x" for r in rows[1:])
+    speedups = ", ".join(f"{r['format']} {r['speedup_vs_fp32']:.2f}x" for r in rows[1:])
     return (text + f"\n\n  first token: a {rows[0]['prefill_tokens']}-token prompt; batch 1 and 16: decode tokens/s"
-            f"\n  decode tokens/s (batch 1) against float32 in this run: {speedups}"
+            f"\n  decode tokens/s (batch 1) against float32 in this run, median of 3 rounds timing both back to"
+            f" back: {speedups}"
             f"\n  perplexity and KL: {rows[0]['reference_perplexity']:.3f} is the float32 reference's, on the same windows")
 
 

@@ -211,7 +211,24 @@ def test_bench_of_several_formats_is_one_table(tiny_file):
     for row in rows.values():
         assert row["decode_tok_s"] > 0 and row["ttft_s"] > 0 and row["perplexity"] > 0 and row["kl"] >= 0
     assert rows["fp32"]["kl"] < 1e-6 < rows["q8_0"]["kl"]
+    assert "speedup_vs_fp32" not in rows["fp32"] and rows["q8_0"]["speedup_vs_fp32"] > 0
     assert "q8_0" in result.stdout and "against float32 in this run" in result.stdout
+
+
+def test_format_speedups_pair_each_round(monkeypatch):
+    """The machine's bandwidth state changes between rounds; a ratio taken within each round
+    cancels it, where a ratio of two separately measured medians would not."""
+    from reference_engine import bench_formats
+
+    calls, state = [], iter([100.0, 300.0, 50.0, 150.0, 100.0, 300.0])  # float32, format; fast, slow, fast
+
+    def timed(model, prompts, new_tokens, repeats):
+        calls.append(model)
+        return next(state)
+
+    monkeypatch.setattr(bench_formats, "bench_decode", timed)
+    assert bench_formats.paired_speedup("fp32", "q4_1", [1, 2], 8) == 3.0
+    assert calls == ["fp32", "q4_1"] * 3
 
 
 def test_bench_rejects_an_unknown_format_before_loading(tiny_file):
