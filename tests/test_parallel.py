@@ -71,25 +71,37 @@ def test_schemes_match_the_single_process_engine_on_a_tiny_model(tiny_file):
     assert per_token["all_gather"]["calls"] == 1  # the LM head's logits
 
 
-def test_tensor_parallel_logits_within_float32_rounding(smollm):
-    model, tok = smollm
-    ids = [tok.encode("The quick brown fox jumps over the lazy dog because")]
-    with torch.inference_mode():
-        expected = model(torch.tensor(ids))
-    for world in (2, 3):  # 2 splits the 3 KV groups unevenly (6 and 3 query heads)
-        logits = run_local(logits_on_rank, world, (ids,))
-        assert all(torch.equal(logits[0], other) for other in logits[1:])  # gathered: the same on every rank
-        assert (logits[0] - expected).abs().max() < 1e-3 * expected.abs().max()
-        assert torch.equal(logits[0].argmax(-1), expected.argmax(-1))
+def smollm2_checks_on_rank(jobs: list[tuple]) -> list:
+    """Several checks in one group of ranks: starting ranks (a fresh interpreter, torch
+    imported, the group joined) costs more than a SmolLM2 run, so each world size starts
+    once. A job is ("greedy", scheme, prompts, new tokens, micro-batches) or ("logits", ids)."""
+    return [greedy_on_rank(*job[1:4], None, job[4]) if job[0] == "greedy" else logits_on_rank(job[1])
+            for job in jobs]
 
 
-@pytest.mark.parametrize("scheme,world,micro", [("tp", 2, 1), ("tp", 3, 1), ("pp", 2, 5), ("dp", 2, 1)])
-def test_smollm2_greedy_tokens_identical_on_five_prompts(smollm, scheme, world, micro):
+def test_smollm2_across_ranks_matches_the_single_process_engine(smollm):
+    """Greedy tokens identical on five chat prompts for TP = 2 (the 3 KV groups split
+    unevenly: 6 and 3 query heads), TP = 3, PP (2 stages, 5 micro-batches) and DP = 2; TP
+    logits within float32 rounding of one process's, and the same on every rank."""
     model, tok = smollm
     prompts = [tok.encode_chat(p) for p in PROMPTS]
     expected = generate(model, prompts, max_new_tokens=10).tokens
-    out = run_local(greedy_on_rank, world, (scheme, prompts, 10, None, micro))
-    assert all(o["tokens"] == expected for o in out)
+    ids = [tok.encode("The quick brown fox jumps over the lazy dog because")]
+    with torch.inference_mode():
+        expected_logits = model(torch.tensor(ids))
+    jobs = {2: [("greedy", "tp", prompts, 10, 1), ("greedy", "pp", prompts, 10, 5), ("greedy", "dp", prompts, 10, 1),
+                ("logits", ids)],
+            3: [("greedy", "tp", prompts, 10, 1), ("logits", ids)]}
+    for world, checks in jobs.items():
+        by_rank = run_local(smollm2_checks_on_rank, world, (checks,))
+        for i, job in enumerate(checks):
+            out = [results[i] for results in by_rank]
+            if job[0] == "greedy":
+                assert all(o["tokens"] == expected for o in out), (world, job[1])
+                continue
+            assert all(torch.equal(out[0], other) for other in out[1:])  # gathered: the same on every rank
+            assert (out[0] - expected_logits).abs().max() < 1e-3 * expected_logits.abs().max()
+            assert torch.equal(out[0].argmax(-1), expected_logits.argmax(-1))
 
 
 def exit_on_rank_one(code: int) -> int:
@@ -150,9 +162,17 @@ def test_two_torchrun_nodes_on_loopback_match(tiny_file):
     assert printed == "".join(f"[{i}] {tok.decode(t)}\n" for i, t in enumerate(expected))
 
 
-def test_missing_launcher_and_absent_ranks_are_clear_errors(tiny_file):
-    result = run_module("-m", "reference_engine", "generate", "hi", "--model", tiny_file, "--parallel", "tp")
-    assert result.returncode == 2 and "needs a launcher" in result.stderr and "torchrun" in result.stderr
+def test_missing_launcher_and_absent_ranks_are_clear_errors(tiny_file, monkeypatch, capsys):
+    from reference_engine.cli import main
+    from reference_engine.parallel.launch import LAUNCHER_ENV
+
+    for name in LAUNCHER_ENV:
+        monkeypatch.delenv(name, raising=False)
+    for args, words in [(["--parallel", "tp"], ["needs a launcher", "torchrun"]),
+                        (["--micro-batches", "2"], ["--micro-batches is for --parallel pp"])]:
+        assert main(["generate", "hi", "--model", tiny_file, *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "Traceback" not in err and all(w in err for w in words), err
     alone = {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29900 + os.getpid() % 90)}
     result = run_module("-m", "reference_engine", "generate", "hi", "--model", tiny_file, "--parallel", "tp",
                         "--dist-timeout", "3", env=alone, timeout=60)
@@ -160,8 +180,6 @@ def test_missing_launcher_and_absent_ranks_are_clear_errors(tiny_file):
     result = run_module("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3", "-m",
                         "reference_engine", "generate", "hi", "--model", tiny_file, "--parallel", "tp")
     assert result.returncode != 0 and "use 1 to 2 ranks, not 3" in result.stderr
-    result = run_module("-m", "reference_engine", "generate", "hi", "--model", tiny_file, "--micro-batches", "2")
-    assert result.returncode == 2 and "--micro-batches is for --parallel pp" in result.stderr
 
 
 def test_a_rank_killed_under_torchrun_ends_the_job_with_a_message(smollm):
