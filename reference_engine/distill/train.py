@@ -89,7 +89,8 @@ class TeacherCache:
     Hidden states rather than logits: 576 numbers per position instead of 49,152, and the
     teacher's head turns them into exactly the logits a fresh forward would give, so the
     full distribution is kept (a top-k cache would cut the tail that temperature raises).
-    A 256-token window takes 590 KB; the cache lives in memory, for one process's runs."""
+    A 256-token window takes 590 KB; the cache lives in memory, for one process's runs, and
+    holds only while the teacher's weights do not change."""
 
     def __init__(self, teacher):
         self.teacher = teacher
