@@ -93,7 +93,7 @@ def bench_decode_and_bandwidth(model, prompt: list[int], new_tokens: int, repeat
     """Batch-1 decode tokens/s and read bandwidth, measured in alternation (a bandwidth
     reading right before each decode run), so that each fraction of the bound compares two
     figures taken under the same load: on a shared machine the bandwidth alone has been
-    seen to move between 30 and 60 GB/s from one minute to the next. Medians of the rounds."""
+    seen to move between 30 and 80 GB/s from one minute to the next. Medians of the rounds."""
     buf = bandwidth_buffer()
     per_token = weight_bytes_per_token(model)
     rounds = []

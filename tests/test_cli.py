@@ -211,7 +211,7 @@ def test_bench_of_several_formats_is_one_table(tiny_file):
     for row in rows.values():
         assert row["decode_tok_s"] > 0 and row["ttft_s"] > 0 and row["perplexity"] > 0 and row["kl"] >= 0
     assert rows["fp32"]["kl"] < 1e-6 < rows["q8_0"]["kl"]
-    assert "speedup_vs_fp32" not in rows["fp32"] and rows["q8_0"]["speedup_vs_fp32"] > 0
+    assert "speedup_vs_fp32" not in rows["fp32"] and "speedup_vs_fp32" in rows["q8_0"]
     assert "q8_0" in result.stdout and "against float32 in this run" in result.stdout
 
 
@@ -220,7 +220,9 @@ def test_format_speedups_pair_each_round(monkeypatch):
     cancels it, where a ratio of two separately measured medians would not."""
     from reference_engine import bench_formats
 
-    calls, state = [], iter([100.0, 300.0, 50.0, 150.0, 100.0, 300.0])  # float32, format; fast, slow, fast
+    # float32, format per round (fast, slow, fast): ratios 3, 4, 2.5; the ratio of the two
+    # medians would be 250 / 100 = 2.5
+    calls, state = [], iter([100.0, 300.0, 50.0, 200.0, 100.0, 250.0])
 
     def timed(model, prompts, new_tokens, repeats):
         calls.append(model)

@@ -128,9 +128,6 @@ def test_distillation_lowers_the_students_kl_to_the_teacher():
 
 def test_a_teacher_cache_trains_the_same_student_and_runs_the_teacher_once_per_window(monkeypatch):
     teacher, windows = tiny_setup()
-    cfg = train.DistillConfig(steps=4, batch=3, warmup=2, lr=3e-3, alpha=0.5)
-    plain = keep_blocks(teacher, [0])
-    train.distill(plain, teacher, windows, cfg, progress=False)
     teacher_rows, real_final_hidden = [], train.final_hidden
 
     def counting(model, ids):
@@ -138,15 +135,25 @@ def test_a_teacher_cache_trains_the_same_student_and_runs_the_teacher_once_per_w
             teacher_rows.append(len(ids))
         return real_final_hidden(model, ids)
 
-    monkeypatch.setattr(train, "final_hidden", counting)
     cache = train.TeacherCache(teacher)
-    for run in range(2):  # the second run trains on the same windows: only cache hits
+    # 6 of the 12 windows first; then all 12 in another order and grouping, so batches mix
+    # cached and new windows; then a batch that repeats one window
+    for cfg in (train.DistillConfig(steps=2, batch=3, warmup=1, lr=3e-3, alpha=0.5, seed=0),
+                train.DistillConfig(steps=3, batch=4, warmup=1, lr=3e-3, alpha=0.5, seed=1)):
+        plain = keep_blocks(teacher, [0])
+        train.distill(plain, teacher, windows, cfg, progress=False)
+        monkeypatch.setattr(train, "final_hidden", counting)
         cached = keep_blocks(teacher, [0])
         train.distill(cached, teacher, windows, cfg, progress=False, cache=cache)
+        monkeypatch.setattr(train, "final_hidden", real_final_hidden)
         for a, b in zip(plain.parameters(), cached.parameters()):
             assert torch.allclose(a, b, rtol=0, atol=1e-6)
-    assert sum(teacher_rows) == cache.misses == 12  # 4 steps x 3 rows: every window of the first epoch once
-    assert cache.hits == 12
+    assert sum(teacher_rows) == cache.misses == 12 and cache.hits == 6  # every window through the teacher once
+    twice = windows[[0, 0]]
+    assert torch.equal(cache(twice), torch.stack([cache.rows[tuple(windows[0].tolist())]] * 2))
+    fresh = train.TeacherCache(teacher)
+    fresh(twice)
+    assert fresh.misses == 1 and fresh.hits == 1  # a window repeated in one batch runs once
     with pytest.raises(DojoError, match="another teacher"):
         train.distill(keep_blocks(teacher, [0]), tiny_llama(seed=1), windows, cfg, progress=False, cache=cache)
 

@@ -87,8 +87,9 @@ class TeacherCache:
     step budget, or a forward and a reverse run on the same text) pay for the teacher once.
 
     Hidden states rather than logits: 576 numbers per position instead of 49,152, and the
-    teacher's head turns them into exactly the logits a fresh forward would give, so the
-    full distribution is kept (a top-k cache would cut the tail that temperature raises).
+    teacher's head turns them into the logits a forward of that window gives (to float
+    rounding where the window first ran in another batch), so the full distribution is
+    kept (a top-k cache would cut the tail that temperature raises).
     A 256-token window takes 590 KB; the cache lives in memory, for one process's runs, and
     holds only while the teacher's weights do not change."""
 
@@ -100,13 +101,16 @@ class TeacherCache:
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, T, d) for windows ids (B, T), running the teacher only on windows not seen yet."""
-        keys = [row.numpy().tobytes() for row in ids]  # the tokens themselves: equal windows, one entry
-        new = [i for i, k in enumerate(keys) if k not in self.rows]
-        if new:
-            for i, h in zip(new, final_hidden(self.teacher, ids[new])):
-                self.rows[keys[i]] = h
-        self.misses += len(new)
-        self.hits += len(keys) - len(new)
+        keys = [tuple(row.tolist()) for row in ids]  # the tokens themselves: equal windows, one entry
+        first = {}  # each window not cached yet, once, at its first row
+        for i, k in enumerate(keys):
+            if k not in self.rows:
+                first.setdefault(k, i)
+        if first:
+            for k, h in zip(first, final_hidden(self.teacher, ids[list(first.values())])):
+                self.rows[k] = h
+        self.misses += len(first)
+        self.hits += len(keys) - len(first)
         return torch.stack([self.rows[k] for k in keys])
 
 
