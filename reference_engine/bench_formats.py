@@ -103,7 +103,7 @@ def run_formats(names: list[str], model_path=None, new_tokens: int = 64, n_windo
 def paired_speedup(base, model, prompt: list[int], new_tokens: int, rounds: int = 3) -> float:
     """`model`'s batch-1 decode tokens/s over `base`'s: the median of rounds that time
     both back to back. This machine's memory bandwidth moves between states minutes apart
-    (32 to 80 GB/s have been read here), and moves a bandwidth-bound float32 decode more
+    (30 to 80 GB/s have been read here), and moves a bandwidth-bound float32 decode more
     than a quantized one, so a ratio of two rows measured at different moments carries the
     move; a ratio taken within one round does not."""
     ratios = []

@@ -95,7 +95,7 @@ class TeacherCache:
 
     def __init__(self, teacher):
         self.teacher = teacher
-        self.rows: dict[bytes, torch.Tensor] = {}
+        self.rows: dict[tuple[int, ...], torch.Tensor] = {}  # window tokens -> (T, d)
         self.hits = self.misses = 0
 
     @torch.no_grad()
