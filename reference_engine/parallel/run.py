@@ -47,8 +47,9 @@ def generate_on_rank(scheme: str, prompts: list[list[int]], max_new_tokens: int,
     """This rank's run: tokens (the same on every rank), seconds, the collectives counted
     (`comm`: the whole run; `comm_per_token`: per decoding step, the prompt's step left
     out), and for pp the schedule's timeline. The process group must exist (`launch`)."""
+    import torch.distributed as dist
+
     from ..load import load_model
-    from . import data, pipeline
 
     comm = Comm()
     t0 = time.perf_counter()
@@ -56,30 +57,40 @@ def generate_on_rank(scheme: str, prompts: list[list[int]], max_new_tokens: int,
     check_scheme(scheme, model.config, comm.world, len(prompts), n_micro)
     prepare(scheme, model, comm)
     load_s = time.perf_counter() - t0
+    _run_scheme(scheme, model, comm, prompts[:1], 2, 1, stop_ids)  # warm-up: first calls allocate and set up
     for counter in (comm.calls, comm.bytes, comm.seconds):
         counter.clear()
+    dist.barrier()  # start the clocks together: a rank still loading would slow the others' run
     t0 = time.perf_counter()
-    result = {"scheme": scheme, "rank": comm.rank, "world": comm.world, "load_s": load_s, "timeline": None}
-    after_prompt = None
+    run = _run_scheme(scheme, model, comm, prompts, max_new_tokens, n_micro, stop_ids)
+    seconds = time.perf_counter() - t0
+    tokens, steps, after_prompt = run["tokens"], run["steps"], run["after_prompt"]
+    return {"scheme": scheme, "rank": comm.rank, "world": comm.world, "load_s": load_s, "timeline": run["timeline"],
+            "tokens": tokens, "seconds": seconds, "steps": steps, "comm": comm.summary(),
+            "comm_per_token": comm.summary(per=max(steps - 1, 1), since=after_prompt) if after_prompt else {}}
+
+
+def _run_scheme(scheme: str, model, comm: Comm, prompts, max_new_tokens: int, n_micro: int, stop_ids) -> dict:
+    """One generation under a scheme: tokens, steps, timeline (pp) and the collectives'
+    counters once the prompt's forward was done (None for dp, which has no per-step ones)."""
+    from . import data, pipeline
+
     if scheme == "dp":
         tokens = data.data_parallel_generate(model, comm, prompts, max_new_tokens, stop_ids)
-        steps = max(len(t) for t in tokens)
-    elif scheme == "pp":
+        return {"tokens": tokens, "steps": max(len(t) for t in tokens), "timeline": None, "after_prompt": None}
+    if scheme == "pp":
         run = pipeline.pipeline_generate(model, comm, prompts, max_new_tokens, n_micro, stop_ids)
-        tokens, steps, result["timeline"], after_prompt = run.tokens, run.steps, run.timeline, run.after_prompt
-    else:
-        from ..generate import generate
+        return {"tokens": run.tokens, "steps": run.steps, "timeline": run.timeline, "after_prompt": run.after_prompt}
+    from ..generate import generate
 
-        def first_token(_row, _token):  # called once the prompt's forward is done
-            nonlocal after_prompt
-            after_prompt = after_prompt or comm.snapshot()
+    after_prompt = None
 
-        g = generate(model, prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids, on_token=first_token)
-        tokens, steps = g.tokens, g.decode_steps + 1
-    result.update(tokens=tokens, seconds=time.perf_counter() - t0, steps=steps,
-                  comm=comm.summary(), comm_per_token=comm.summary(per=max(steps - 1, 1), since=after_prompt)
-                  if after_prompt else {})
-    return result
+    def first_token(_row, _token):  # called once the prompt's forward is done
+        nonlocal after_prompt
+        after_prompt = after_prompt or comm.snapshot()
+
+    g = generate(model, prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids, on_token=first_token)
+    return {"tokens": g.tokens, "steps": g.decode_steps + 1, "timeline": None, "after_prompt": after_prompt}
 
 
 def greedy_on_rank(scheme: str, prompts: list[list[int]], max_new_tokens: int, model_path=None, n_micro: int = 1,
@@ -112,9 +123,14 @@ def logits_on_rank(ids: list[list[int]], model_path=None) -> torch.Tensor:
 
 
 def pipeline_timelines_on_rank(prompts: list[list[int]], max_new_tokens: int, micro_batches: list[int],
-                               model_path=None) -> dict[int, tuple[list, float]]:
+                               model_path=None, rounds: int = 1) -> dict[int, tuple[list, float]]:
     """Pipeline runs with each number of micro-batches, the model loaded once: {m: (timeline,
-    seconds)}, for plotting the schedule and measuring its bubble (`launch.run_local`)."""
+    seconds)}, for plotting the schedule and measuring its bubble (`launch.run_local`).
+    With several rounds the numbers of micro-batches take turns and the seconds are each
+    one's median, so a change in the machine's memory bandwidth falls on all of them alike;
+    the timeline is the last round's."""
+    import statistics
+
     from ..load import load_model
     from . import pipeline
 
@@ -122,11 +138,13 @@ def pipeline_timelines_on_rank(prompts: list[list[int]], max_new_tokens: int, mi
     model, _ = load_model(model_path)
     prepare("pp", model, comm)
     pipeline.pipeline_generate(model, comm, prompts[:1], 2, 1)  # warm-up
-    runs = {}
-    for m in micro_batches:
-        run = pipeline.pipeline_generate(model, comm, prompts, max_new_tokens, m)
-        runs[m] = (run.timeline, run.seconds)
-    return runs
+    timelines, seconds = {}, {m: [] for m in micro_batches}
+    for _ in range(rounds):
+        for m in micro_batches:
+            run = pipeline.pipeline_generate(model, comm, prompts, max_new_tokens, m)
+            timelines[m] = run.timeline
+            seconds[m].append(run.seconds)
+    return {m: (timelines[m], statistics.median(seconds[m])) for m in micro_batches}
 
 
 def all_reduce_times_on_rank(numels: list[int], repeats: int = 50) -> dict[int, float]:
