@@ -9,7 +9,8 @@ token per row) and leaves only the embedding lookup, the final norm and the head
 PyTorch.
 
 It is taken only where it computes what the modules would (`applies`): the kernels are
-built; the model is a float32 Llama-family model on the CPU; the weights are the ones
+built; the model is a float32 Llama-family model on the CPU, with heads a multiple of 16
+floats wide (the compiled attention's vectors); the weights are the ones
 packed (not edited since), float32 or quantized (`QuantizedLinear` with its codes repacked
 for the integer matmul, `compression/kernel_layout.py`); and nothing was swapped in: every block, attention, MLP and norm
 is the engine's own class with no hooks, attention is the configured implementation, the
@@ -38,8 +39,8 @@ def applies(model: "m.Transformer") -> bool:
     c = model.config
     if cpu_kernels._loaded is None or torch.is_grad_enabled() or _global_hooks():
         return False
-    if (c.norm, c.pos_encoding, c.mlp, c.bias) != ("rmsnorm", "rope", "swiglu", False):
-        return False
+    if (c.norm, c.pos_encoding, c.mlp, c.bias) != ("rmsnorm", "rope", "swiglu", False) or c.head_dim % 16:
+        return False  # (the compiled attention works on heads of 16-float vectors)
     if model.tok_embeddings.weight.dtype != torch.float32 or model.tok_embeddings.weight.device.type != "cpu":
         return False
     attend = ATTENTION_IMPLS[c.attn_impl]

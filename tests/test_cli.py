@@ -233,6 +233,22 @@ def test_format_speedups_pair_each_round(monkeypatch):
     assert calls == ["fp32", "q4_1"] * 3
 
 
+def test_batch16_speedup_pairs_each_round(monkeypatch):
+    """Batch 16 over batch 1 is likewise the median of ratios taken within rounds."""
+    from reference_engine import bench
+
+    # batch 1, batch 16 per round: ratios 5, 4, 8; the ratio of the medians would be 800 / 200 = 4
+    calls, state = [], iter([200.0, 1000.0, 100.0, 400.0, 300.0, 2400.0])
+
+    def timed(model, prompts, new_tokens, repeats):
+        calls.append((len(prompts), new_tokens))
+        return next(state)
+
+    monkeypatch.setattr(bench, "bench_decode", timed)
+    assert bench.bench_batch16("model", [1, 2], [[3]] * 16, 8) == (1000.0, 5.0)
+    assert calls == [(1, 8), (16, 4)] * 3
+
+
 def test_bench_rejects_an_unknown_format_before_loading(tiny_file):
     assert_clean_error(run_cli("bench", "--model", tiny_file, "--quantize", "q8_0,int5"), "int5")
 

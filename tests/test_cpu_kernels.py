@@ -128,7 +128,10 @@ def decode_logits(model, prompts, steps=5):
     return torch.stack(out, 1)
 
 
-@pytest.mark.parametrize("preset,overrides", [("tiny", {}), ("tiny-mha", {}), ("tiny", {"rope_layout": "adjacent"})])
+# tiny: heads of 16 (one vector) in groups of 2; the last: 8 query heads on one KV head
+# (two passes of 4 over the values) and heads of 96 (a pass of 64 outputs, then 32)
+@pytest.mark.parametrize("preset,overrides", [("tiny", {}), ("tiny-mha", {}), ("tiny", {"rope_layout": "adjacent"}),
+                                              ("tiny", {"n_heads": 8, "n_kv_heads": 1, "head_dim": 96})])
 @pytest.mark.parametrize("prompts", [[[5, 9, 2, 7]], [[5, 9, 2, 7, 1, 4], [8, 3], [6, 6, 6, 1]]])
 def test_fused_decode_equals_the_modules(counting, monkeypatch, preset, overrides, prompts):
     model = packed_llama(preset, **overrides)
@@ -197,8 +200,10 @@ def test_anything_swapped_in_runs_instead_of_the_fused_step(counting, change):
         assert len(seen) == 4 * (model.config.n_layers if change == "attention function" else 1)
 
 
-def test_fused_step_is_only_for_the_llama_family(counting):
-    model = random_model("tiny-gpt2", seed=3).float()
+@pytest.mark.parametrize("preset,overrides", [("tiny-gpt2", {}), ("tiny", {"head_dim": 24})])
+def test_fused_step_is_only_for_the_llama_family(counting, preset, overrides):
+    """Not for other families, nor for heads the compiled attention's 16-float vectors do not tile."""
+    model = random_model(preset, seed=3, **overrides).float()
     assert model.pack_for_cpu()
     generate(model, [[5, 9, 2]], max_new_tokens=3)
     assert counting.blocks == 0

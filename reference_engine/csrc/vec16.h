@@ -25,6 +25,28 @@ inline float sum_lanes(vec16 v) {
   return (q[0] + q[2]) + (q[1] + q[3]);
 }
 
+// Lane i of the result is the sum of the 16 lanes of v[i]: 16 horizontal sums done as one
+// transpose folded into 15 adds of two shuffles each (16 separate sums take 16 trees and
+// 16 scalar tails). Each level halves the partial sums per vector and packs two vectors into
+// one; fed in bit-reversed order, the packing leaves sum i in lane i.
+inline vec16 sum_lanes_of_16(const vec16* v) {
+  static constexpr int kReversed[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+  vec16 a[8], b[4], c[2];
+  for (int k = 0; k < 8; ++k) {  // lanes 0-7: 8 partial sums of the first vector, 8-15: of the second
+    const vec16 x = v[kReversed[2 * k]], y = v[kReversed[2 * k + 1]];
+    a[k] = __builtin_shufflevector(x, y, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(x, y, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  }
+  for (int k = 0; k < 4; ++k)  // 4 vectors of 4 partial sums each
+    b[k] = __builtin_shufflevector(a[2 * k], a[2 * k + 1], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
+           __builtin_shufflevector(a[2 * k], a[2 * k + 1], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int k = 0; k < 2; ++k)  // 8 vectors of 2
+    c[k] = __builtin_shufflevector(b[2 * k], b[2 * k + 1], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+           __builtin_shufflevector(b[2 * k], b[2 * k + 1], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+  return __builtin_shufflevector(c[0], c[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
+         __builtin_shufflevector(c[0], c[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+}
+
 inline float dot(const float* a, const float* b, int64_t n) {
   vec16 acc = {};
   int64_t i = 0;
