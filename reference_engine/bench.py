@@ -165,6 +165,14 @@ def decode_path(model) -> str:
     return cpu_kernels.status()
 
 
+def kv_cache_size(model) -> dict:
+    """What the model's KV cache stores and its bytes per token (keys and values, every block)."""
+    c = model.config
+    dtype = model.kv_dtype or model.tok_embeddings.weight.dtype
+    per_token = 2 * c.n_layers * c.n_kv_heads * c.head_dim * dtype.itemsize
+    return {"kv_dtype": str(dtype).removeprefix("torch."), "kv_kb_per_token": per_token / 1e3}
+
+
 def run_bench(model, tokenizer, load_s: float, baseline: bool = True, new_tokens: int = 64) -> dict:
     torch.manual_seed(0)
     text_ids = tokenizer.encode(reference_text())
@@ -190,6 +198,7 @@ def run_bench(model, tokenizer, load_s: float, baseline: bool = True, new_tokens
         "peak_memory_mb": peak_memory_mb(),
         "threads": torch.get_num_threads(),
         "dtype": str(model.tok_embeddings.weight.dtype).removeprefix("torch."),
+        **kv_cache_size(model),
         "decode_path": decode_path(model),
     }
     if baseline:
@@ -208,6 +217,7 @@ def format_table(result: dict) -> str:
         ("read bandwidth (measured)", f"{result['read_bandwidth_gb_s']:.1f} GB/s"),
         ("weights read per token", f"{result['weight_mb_per_token']:.0f} MB"
                                    + ("" if "quantized" in result["decode_path"] else f" ({result['dtype']})")),
+        ("KV cache", f"{result['kv_dtype']}, {result['kv_kb_per_token']:.1f} KB per token"),
         ("bandwidth bound, batch 1", f"{result['bandwidth_bound_tok_s']:.1f} tokens/s"),
         ("fraction of the bound reached", f"{result['bandwidth_fraction']:.0%}"),
         ("peak memory (RSS)", f"{result['peak_memory_mb']:.0f} MB"),

@@ -51,7 +51,7 @@ def kernel_share(model) -> str:
 
 def measure(name: str, model, prompt: list[int], prefill: list[int], batch: list[list[int]], windows, reference,
             new_tokens: int) -> dict:
-    from .bench import weight_bytes_per_token
+    from .bench import kv_cache_size, weight_bytes_per_token
     from .compression.quality import compare
 
     generate_warmup(model, prompt)
@@ -64,7 +64,7 @@ def measure(name: str, model, prompt: list[int], prefill: list[int], batch: list
             "decode_tok_s": single["decode_tok_s"], "decode_tok_s_batch16": decode_16,
             "batch16_speedup": batch16_speedup, "bandwidth_fraction": single["bandwidth_fraction"],
             "read_bandwidth_gb_s": single["read_bandwidth_gb_s"], "perplexity": q.perplexity,
-            "reference_perplexity": q.reference_perplexity, "kl": q.kl, "top1": q.top1}
+            "reference_perplexity": q.reference_perplexity, "kl": q.kl, "top1": q.top1, **kv_cache_size(model)}
 
 
 def generate_warmup(model, prompt: list[int]) -> None:
@@ -73,8 +73,10 @@ def generate_warmup(model, prompt: list[int]) -> None:
     generate(model, [prompt], max_new_tokens=4)
 
 
-def run_formats(names: list[str], model_path=None, new_tokens: int = 64, n_windows: int = 4) -> list[dict]:
-    """One row per format, after the float32 engine's row, all in this process."""
+def run_formats(names: list[str], model_path=None, new_tokens: int = 64, n_windows: int = 4,
+                kv_dtype: str | None = None) -> list[dict]:
+    """One row per format, after the float32 engine's row, all in this process (every
+    model with its KV cache in kv_dtype, `Transformer.set_kv_dtype`)."""
     from tqdm import tqdm
 
     from .compression.calibration import evaluation_windows
@@ -90,6 +92,7 @@ def run_formats(names: list[str], model_path=None, new_tokens: int = 64, n_windo
     rows, fp32 = [], None
     for name in tqdm(["fp32", *names], desc="formats", unit="format", leave=False):
         model, _ = load_model(model_path, quantize=None if name == "fp32" else name)
+        model.set_kv_dtype(kv_dtype)
         row = measure(name, model, prompt, prefill, batch, windows, reference, new_tokens)
         if fp32 is None:
             fp32 = model  # kept: every format's speed-up is timed against it side by side
@@ -126,7 +129,8 @@ def format_formats_table(rows: list[dict]) -> str:
     text = "\n".join("  " + "  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
     speedups = ", ".join(f"{r['format']} {r['speedup_vs_fp32']:.2f}x" for r in rows[1:])
     return (text + f"\n\n  first token: a {rows[0]['prefill_tokens']}-token prompt; batch 1 and 16: decode tokens/s"
-            " (batch 16 over batch 1: the median of 3 rounds timing both back to back)"
+            " (batch 16 over batch 1: the median of 3 rounds timing both back to back); KV cache in"
+            f" {rows[0]['kv_dtype']}, {rows[0]['kv_kb_per_token']:.1f} KB per token"
             f"\n  decode tokens/s (batch 1) against float32 in this run, median of 3 rounds timing both back to"
             f" back: {speedups}"
             f"\n  perplexity and KL: {rows[0]['reference_perplexity']:.3f} is the float32 reference's, on the same windows")

@@ -10,7 +10,7 @@ PyTorch.
 
 It is taken only where it computes what the modules would (`applies`): the kernels are
 built; the model is a float32 Llama-family model on the CPU, with heads a multiple of 16
-floats wide (the compiled attention's vectors); the weights are the ones
+floats wide (the compiled attention's vectors) and a float32 or float16 cache; the weights are the ones
 packed (not edited since), float32 or quantized (`QuantizedLinear` with its codes repacked
 for the integer matmul, `compression/kernel_layout.py`); and nothing was swapped in: every block, attention, MLP and norm
 is the engine's own class with no hooks, attention is the configured implementation, the
@@ -64,6 +64,8 @@ def _own_block(layer, attend) -> bool:
             return False
     attn, mlp = layer.attn, layer.mlp
     if attn.attend is not attend or type(attn.kv_cache) is not KVCache:
+        return False
+    if attn.kv_cache.k_cache.dtype not in (torch.float32, torch.float16):  # what the compiled attention reads
         return False
     return all(not _hooked(lin) and weight_parts(lin) is not None for lin in (attn.wqkv, attn.wo, mlp.w13, mlp.w2))
 

@@ -134,8 +134,9 @@ class PagedKVCache(nn.Module):
             self.allocator.ensure(b, end)  # a no-op in every layer after the first
             block, offset = self.allocator.locate(b, torch.arange(end))  # (end,) each: where every slot lives
             new = slice(start, end)
-            self.k_pool[block[new], :, offset[new]] = k[b].transpose(0, 1)  # (T, KV, D) into T cells
-            self.v_pool[block[new], :, offset[new]] = v[b].transpose(0, 1)
+            # (T, KV, D) into T cells, in the pool's dtype (a 16-bit pool: `Transformer.set_kv_dtype`)
+            self.k_pool[block[new], :, offset[new]] = k[b].transpose(0, 1).to(self.k_pool.dtype)
+            self.v_pool[block[new], :, offset[new]] = v[b].transpose(0, 1).to(self.v_pool.dtype)
             keys.append(self.k_pool[block, :, offset].transpose(0, 1))  # gathered: (KV, end, D)
             values.append(self.v_pool[block, :, offset].transpose(0, 1))
         return torch.stack(keys), torch.stack(values)  # (B, KV, end, D)

@@ -164,6 +164,8 @@ class Attention(nn.Module):
         v = v.transpose(1, 2)  # (B, KV, T, D)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(start, k, v)  # (B, KV, start+T, D)
+            if k.dtype != q.dtype:  # a cache in another dtype (`set_kv_dtype`): stored rounded, used as q's
+                k, v = k.to(q.dtype), v.to(q.dtype)
         # subtle: is_causal aligns the mask top-left, which is right only when queries and
         # keys start at the same slot; the model passes a mask (causal included) otherwise.
         y = self.attend(q, k, v, mask, T > 1 and mask is None)  # (B, H, T, D)
@@ -322,6 +324,21 @@ class Transformer(nn.Module):
 
     cache_class: type = KVCache  # what a "static" cache is built from (`set_kv_cache`)
     allocator_class: type = BlockAllocator  # what hands out the blocks of a "paged" one
+    kv_dtype: torch.dtype | None = None  # what the caches store (`set_kv_dtype`); None: the weights' dtype
+
+    def set_kv_dtype(self, dtype: torch.dtype | str | None) -> None:
+        """Store the keys and values of the engine's own caches that `setup_cache` builds
+        (static or paged) in `dtype` from its next call on; None: the weights' dtype (the
+        default). Attention still computes in the weights' dtype: each key and value is
+        rounded once, when written. float16 halves the cache's bytes (SmolLM2: 23 KB per
+        token instead of 46), which a decode step reads in whole at every token: at batch 16
+        or over long prompts that read is a large part of the step. float16 keeps 11
+        significant bits and values up to 65504; bfloat16 keeps 8 bits and float32's range.
+        (Chapter 9's serving runner and chapter 8's pipeline stages keep their own caches.)"""
+        names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+        if dtype is not None and names.get(dtype, dtype) not in names.values():
+            raise DojoError(f"the KV cache stores float32, float16 or bfloat16; got {dtype!r}")
+        self.kv_dtype = names.get(dtype, dtype)
 
     def set_kv_cache(self, kind: str | type, allocator: type | None = None) -> None:
         """Choose the KV cache that `setup_cache` builds from now on:
@@ -350,17 +367,18 @@ class Transformer(nn.Module):
         c = self.config
         max_seq_len = max_seq_len or c.max_seq_len
         p = self.tok_embeddings.weight
+        dtype = self.kv_dtype or p.dtype
         if c.kv_cache == "paged":
             n_blocks = batch_size * -(-max_seq_len // c.kv_block_size)
             allocator = self.allocator_class(n_blocks, c.kv_block_size, batch_size)  # one table for all layers
             for layer in self.layers:
                 layer.attn.use_cache(PagedKVCache(allocator, n_blocks, c.n_kv_heads, c.head_dim, max_seq_len,
-                                                  block_size=c.kv_block_size, dtype=p.dtype, device=p.device))
+                                                  block_size=c.kv_block_size, dtype=dtype, device=p.device))
             return
         for layer in self.layers:
             if self.cache_class is KVCache:
                 layer.attn.use_cache(KVCache(batch_size, c.n_kv_heads, max_seq_len, c.head_dim,
-                                             dtype=p.dtype, device=p.device))
+                                             dtype=dtype, device=p.device))
             else:
                 layer.attn.use_cache(self.cache_class(batch_size, c.n_kv_heads, max_seq_len, c.head_dim))
 

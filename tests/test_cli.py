@@ -112,6 +112,21 @@ def test_bench_json_has_the_promised_keys(tiny_file):
         assert report[key] > 0, key
 
 
+def test_a_float16_kv_cache_from_the_command_line(tiny_file):
+    from reference_engine import load_model
+
+    c = load_model(tiny_file, pack=False)[0].config
+    result = run_cli("bench", "--model", tiny_file, "--json", "--no-baseline", "--kv-dtype", "float16")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["kv_dtype"] == "float16" and "KV cache" in result.stdout
+    assert report["kv_kb_per_token"] == pytest.approx(2 * c.n_layers * c.n_kv_heads * c.head_dim * 2 / 1e3)
+    result = run_cli("generate", "the cat", "--model", tiny_file, "--max-new-tokens", "4", "--kv-dtype", "float16")
+    assert result.returncode == 0, result.stderr
+    result = run_cli("generate", "the cat", "--model", tiny_file, "--kv-dtype", "int8")
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "--kv-dtype" in result.stderr
+
+
 def test_hf_baseline_is_timed_in_rounds_paired_with_the_engine(monkeypatch):
     from reference_engine import bench
 

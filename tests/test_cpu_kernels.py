@@ -4,7 +4,7 @@ they compute what the modules would, and a clean fallback."""
 import pytest
 import torch
 
-from reference_engine import cpu_kernels, fused_decode
+from reference_engine import DojoError, cpu_kernels, fused_decode
 from reference_engine.generate import generate, pad_left
 from reference_engine.model import PackedWeight, linear
 from test_decoding import ListCache  # a learner-style cache class
@@ -141,6 +141,34 @@ def test_fused_decode_equals_the_modules(counting, monkeypatch, preset, override
     modules = decode_logits(model, prompts)
     assert counting.blocks == 5 * model.config.n_layers
     torch.testing.assert_close(fused, modules, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float16, torch.bfloat16])
+def test_a_16_bit_cache_decodes_as_the_modules_do(counting, monkeypatch, kv_dtype):
+    """Keys and values stored in 16 bits (prompts past 16 slots, left-padded): the fused step
+    reads a float16 cache and rounds what it writes as the modules' cache write does;
+    bfloat16, which it does not read, runs the modules. Both stay near a float32 cache."""
+    model = packed_llama()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (40, 17, 33)]
+    full = decode_logits(model, prompts)
+    model.set_kv_dtype(kv_dtype)
+    model.setup_cache(1, 8)
+    assert model.layers[0].attn.kv_cache.k_cache.dtype == kv_dtype
+    before = counting.blocks
+    rounded = decode_logits(model, prompts)
+    assert counting.blocks - before == (5 * model.config.n_layers if kv_dtype == torch.float16 else 0)
+    monkeypatch.setattr(fused_decode, "plan_for", lambda model: None)
+    torch.testing.assert_close(rounded, decode_logits(model, prompts), rtol=1e-4, atol=1e-4)
+    assert not torch.equal(rounded, full), "the cache really holds rounded values"
+    torch.testing.assert_close(rounded, full, rtol=0, atol=0.05)
+    model.set_kv_cache("paged")  # the paged pool rounds the same values
+    torch.testing.assert_close(decode_logits(model, prompts), rounded, rtol=1e-4, atol=1e-4)
+
+
+def test_the_cache_dtype_must_be_a_float_type():
+    with pytest.raises(DojoError, match="float32, float16 or bfloat16"):
+        packed_llama().set_kv_dtype(torch.int8)
 
 
 def test_fused_generation_equals_the_modules(counting, monkeypatch):

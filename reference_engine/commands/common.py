@@ -38,6 +38,12 @@ def with_quantize(p):
         f"{name}: {what}" for name, what in FORMATS.items()))
     return p
 
+def with_kv_dtype(p):
+    p.add_argument("--kv-dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="what the KV cache stores (default: the weights' dtype); float16 halves the bytes a decode "
+                        "step reads from the cache, with keys and values rounded to 11 significant bits")
+    return p
+
 def with_progress(p):
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="show each task and check as it is graded, on stderr (default: when stderr is a terminal)")
@@ -76,6 +82,7 @@ def load(args):
     model, tokenizer = load_model(args.model, quantize=getattr(args, "quantize", None),
                                   pack=not getattr(args, "weight_only", False), device=args.device,
                                   dtype=args.dtype, kernels=args.kernels)
+    model.set_kv_dtype(getattr(args, "kv_dtype", None))
     return model, tokenizer, time.perf_counter() - t0
 
 

@@ -6,7 +6,7 @@ import json
 import time
 
 from ..errors import DojoError
-from .common import load, with_model, with_quantize
+from .common import load, with_kv_dtype, with_model, with_quantize
 
 
 def add_commands(sub) -> None:
@@ -19,8 +19,9 @@ def add_commands(sub) -> None:
     p.add_argument("--weight-only", action="store_true", help="keep float activations (chapter 4's figures); by "
                                                               "default covered formats quantize them to int8 per "
                                                               "block of 32, as the compiled decode kernels do")
-    b = with_quantize(with_model(sub.add_parser("bench", help="prefill/decode speed, bandwidth bound, memory; "
-                                                              "--quantize a,b or all: a table of formats")))
+    b = with_kv_dtype(with_quantize(with_model(sub.add_parser("bench", help="prefill/decode speed, bandwidth bound, "
+                                                                            "memory; --quantize a,b or all: a table "
+                                                                            "of formats"))))
     b.add_argument("--json", action="store_true", help="also print one JSON object on the last line")
     b.add_argument("--no-baseline", action="store_true", help="skip the HF transformers baseline")
     b.add_argument("--llama-cpp", action="store_true", help="also time llama.cpp (llama-cpp-python, installed "
@@ -119,7 +120,7 @@ def cmd_bench(args) -> int:
         print(format_llama_cpp(result, args.quantize))
     if names:
         del model
-        result["formats"] = run_formats(names, args.model)
+        result["formats"] = run_formats(names, args.model, kv_dtype=args.kv_dtype)
         print(f"\nfloat32 and {', '.join(names)} in the same run (4 evaluation windows for the quality):")
         print(format_formats_table(result["formats"]))
     if args.json:

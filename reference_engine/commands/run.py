@@ -8,11 +8,13 @@ import time
 
 from ..errors import DojoError
 from ..parallel import SCHEMES
-from .common import check_prompt, load, set_threads, stop_ids, stream_reply, with_model, with_quantize, with_sampling
+from .common import (check_prompt, load, set_threads, stop_ids, stream_reply, with_kv_dtype, with_model, with_quantize,
+                     with_sampling)
 
 
 def add_commands(sub) -> None:
-    g = with_quantize(with_sampling(with_model(sub.add_parser("generate", help="continue a prompt, streaming the text"))))
+    g = with_kv_dtype(with_quantize(with_sampling(with_model(sub.add_parser("generate", help="continue a prompt, "
+                                                                                         "streaming the text")))))
     g.add_argument("prompt", nargs="+", help="the prompt text; several quoted prompts are generated as one batch")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--parallel", choices=sorted(SCHEMES), help="run on the ranks torchrun started: "
@@ -21,7 +23,8 @@ def add_commands(sub) -> None:
                    help="--parallel pp: micro-batches in the pipe (at most the number of prompts)")
     g.add_argument("--dist-timeout", type=float, default=60.0, metavar="S",
                    help="--parallel: seconds a rank waits for the others (joining, or in a collective)")
-    with_quantize(with_sampling(with_model(sub.add_parser("chat", help="interactive chat (empty line or Ctrl-D ends)"))))
+    with_kv_dtype(with_quantize(with_sampling(with_model(sub.add_parser("chat", help="interactive chat (empty line or "
+                                                                                    "Ctrl-D ends)")))))
     d = with_model(sub.add_parser("demo", help="load the model, answer a chat prompt, print measurements"))
     d.add_argument("--prompt", default="What is the capital of France? Answer in one sentence, then "
                                        "name two famous sights there.")

@@ -17,6 +17,7 @@
 // ones (`quant_matmul.cpp`, integer dot products). Tests hold all of it to the PyTorch path.
 #include <torch/extension.h>
 
+#include "decode_attention.h"
 #include "quant_matmul.h"
 #include "vec16.h"
 
@@ -227,96 +228,26 @@ void rotate(float* v, const float* cos, const float* sin, int64_t D, bool adjace
   for (int64_t i = half; i < D; ++i) v[i] = tmp[i] * cos[i] + tmp[i - half] * sin[i];
 }
 
-// out[h] += sum_s p[h][s] v[s] for G query heads, 64 outputs from offset i (4 registers
-// per head: G * 4 independent sums, each value loaded once for all G heads).
-template <int G>
-void weigh_values(const float* const* p, const float* values, int64_t n_slots, int64_t D, int64_t i, float* out) {
-  vec16 acc[G][4] = {};
-  for (int64_t s = 0; s < n_slots; ++s) {
-    vec16 v[4];
-    for (int j = 0; j < 4; ++j) v[j] = *reinterpret_cast<const vec16u*>(values + s * D + i + j * kLanes);
-    for (int h = 0; h < G; ++h)
-      for (int j = 0; j < 4; ++j) acc[h][j] += v[j] * p[h][s];
-  }
-  for (int h = 0; h < G; ++h)
-    for (int j = 0; j < 4; ++j) *reinterpret_cast<vec16u*>(out + h * D + i + j * kLanes) = acc[h][j];
-}
-
-// Attention of `group` query heads that share one KV head, for one row: q (group, D)
-// and out (group, D) contiguous; keys and values (n_slots, D). A slot with valid[s] false
-// (padding) weighs nothing; the newest slot (the row's own token) always counts. D is a
-// multiple of 16. At batch 16 this reads the cache from memory (48 MB per step at slot 64
-// for SmolLM2), so each key and value is read once for the whole group, and the first head
-// asks for the next keys and these values ahead of use: 30 blocks took 6.0 ms where one
-// query head at a time, without prefetching, took 6.4 (median of 15 rounds, side by side).
-void attend_group(const float* q, const float* keys, const float* values, int64_t n_slots, int64_t D, int64_t group,
-                  const bool* valid, float scale, float* out) {
-  std::vector<float> score(group * n_slots);
-  std::vector<const float*> weights(group);
-  for (int64_t h = 0; h < group; ++h) {
-    const float* qh = q + h * D;
-    float* sc = score.data() + h * n_slots;
-    weights[h] = sc;
-    int64_t s = 0;
-    for (; s + kLanes <= n_slots; s += kLanes) {  // 16 slots: 16 partial-sum vectors, summed together
-      vec16 partial[kLanes];
-      for (int j = 0; j < kLanes; ++j) {
-        const float* k = keys + (s + j) * D;
-        if (h == 0)  // the first head brings the next 16 keys and these 16 values in ahead of use
-          for (int64_t line = 0; line < D; line += 16) {
-            __builtin_prefetch(k + kLanes * D + line);
-            __builtin_prefetch(values + (s + j) * D + line);
-          }
-        vec16 acc = {};
-        for (int64_t c = 0; c < D; c += kLanes)
-          acc += *reinterpret_cast<const vec16u*>(qh + c) * *reinterpret_cast<const vec16u*>(k + c);
-        partial[j] = acc;
-      }
-      *reinterpret_cast<vec16u*>(sc + s) = dojo::sum_lanes_of_16(partial) * scale;
-    }
-    for (; s < n_slots; ++s) sc[s] = dot(qh, keys + s * D, D) * scale;
-    if (valid)
-      for (s = 0; s + 1 < n_slots; ++s)
-        if (!valid[s]) sc[s] = -INFINITY;
-    float top = -INFINITY;
-    for (s = 0; s < n_slots; ++s) top = std::max(top, sc[s]);
-    // e^(score - top) / total, 16 slots at a time (a scalar exp per slot cost ~2 ms per step
-    // at batch 16); a padding slot (-inf) weighs exactly 0
-    const vec16 zero = {}, hidden = zero - INFINITY;
-    vec16 partial = {};
-    for (s = 0; s + kLanes <= n_slots; s += kLanes) {
-      const vec16 v = *reinterpret_cast<const vec16u*>(sc + s);
-      const vec16 e = v == hidden ? zero : exp16(v - top);
-      *reinterpret_cast<vec16u*>(sc + s) = e;
-      partial += e;
-    }
-    float total = sum_lanes(partial);
-    for (; s < n_slots; ++s) total += (sc[s] = std::exp(sc[s] - top));
-    const float inverse = 1.0f / total;
-    for (s = 0; s < n_slots; ++s) sc[s] *= inverse;
-  }
-  for (int64_t h0 = 0; h0 < group; h0 += 4) {  // up to 4 heads per pass over the values
-    const float* const* p = weights.data() + h0;
-    float* o = out + h0 * D;
-    for (int64_t i = 0; i < D; i += 4 * kLanes) {
-      if (i + 4 * kLanes > D) {  // the last 16 to 48 outputs (D = 16, 32, 48 modulo 64)
-        for (int64_t h = h0; h < std::min(group, h0 + 4); ++h)
-          for (int64_t c = i; c < D; c += kLanes) {
-            vec16 acc = {};
-            for (int64_t s = 0; s < n_slots; ++s)
-              acc += *reinterpret_cast<const vec16u*>(values + s * D + c) * p[h - h0][s];
-            *reinterpret_cast<vec16u*>(out + h * D + c) = acc;
-          }
-        continue;
-      }
-      switch (std::min<int64_t>(4, group - h0)) {
-        case 1: weigh_values<1>(p, values, n_slots, D, i, o); break;
-        case 2: weigh_values<2>(p, values, n_slots, D, i, o); break;
-        case 3: weigh_values<3>(p, values, n_slots, D, i, o); break;
-        default: weigh_values<4>(p, values, n_slots, D, i, o); break;
+// Write each row's new key and value heads (rows of qkv, after RoPE) into cache slot
+// `slot` (rounded to nearest even where the cache is float16, as PyTorch's copy does), then
+// attention over slots [0, slot] (decode_attention.h).
+template <typename T>
+void cache_and_attend(const float* qkv, int64_t B, int64_t H, int64_t KV, int64_t D, T* kc, T* vc,
+                      int64_t row_stride, int64_t head_stride, int64_t slot, const bool* valid, int64_t valid_stride,
+                      float* att) {
+  const int64_t qkv_width = (H + 2 * KV) * D;
+  for_rows(B, [&](int64_t b) {
+    const float* row = qkv + b * qkv_width;
+    for (int64_t g = 0; g < KV; ++g) {
+      T* k = kc + b * row_stride + g * head_stride + slot * D;
+      T* v = vc + b * row_stride + g * head_stride + slot * D;
+      for (int64_t i = 0; i < D; ++i) {
+        k[i] = static_cast<T>(row[(H + g) * D + i]);
+        v[i] = static_cast<T>(row[(H + KV + g) * D + i]);
       }
     }
-  }
+  });
+  dojo::attend_rows<T>(qkv, B, H, KV, D, kc, vc, row_stride, head_stride, slot + 1, valid, valid_stride, att);
 }
 
 }  // namespace
@@ -347,17 +278,23 @@ torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& packed,
 // for one new token in each of B rows, all written into cache slot `slot`.
 //   x: (B, d) the residual stream, updated in place.
 //   w*: packed weights (`pack_weight`) of wqkv (rows [Q; K; V]), wo, w13 (rows [gate; up]), w2.
-//   k_cache, v_cache: (batch >= B, KV, max_len, D); cos, sin: (B, D) at each row's position.
+//   k_cache, v_cache: (batch >= B, KV, max_len, D), float32 or float16; cos, sin: (B, D) at
+//   each row's position.
 //   key_valid: (B, >= slot + 1) bool, false for padding slots; or an empty tensor (all valid).
 void llama_block_decode(torch::Tensor x, const torch::Tensor& attn_norm, const torch::Tensor& ffn_norm, double eps,
                         const std::vector<torch::Tensor>& wqkv_parts, const std::vector<torch::Tensor>& wo_parts,
                         const std::vector<torch::Tensor>& w13_parts, const std::vector<torch::Tensor>& w2_parts,
                         torch::Tensor k_cache, torch::Tensor v_cache, int64_t slot, const torch::Tensor& cos,
                         const torch::Tensor& sin, const torch::Tensor& key_valid, int64_t n_heads, bool adjacent) {
-  const std::initializer_list<const torch::Tensor*> all = {&x, &attn_norm, &ffn_norm, &k_cache, &v_cache, &cos, &sin};
+  const std::initializer_list<const torch::Tensor*> all = {&x, &attn_norm, &ffn_norm, &cos, &sin};
   for (const torch::Tensor* t : all) check_float_cpu(*t, "llama_block_decode: every tensor");
+  const bool half_cache = k_cache.scalar_type() == torch::kHalf;
+  TORCH_CHECK((half_cache || k_cache.scalar_type() == torch::kFloat) &&
+                  v_cache.scalar_type() == k_cache.scalar_type() && k_cache.is_cpu() && v_cache.is_cpu() &&
+                  k_cache.is_contiguous() && v_cache.is_contiguous(),
+              "llama_block_decode: the caches must be contiguous CPU tensors, both float32 or both float16");
   const int64_t B = x.size(0), d = x.size(1), KV = k_cache.size(1), L = k_cache.size(2), D = k_cache.size(3);
-  const int64_t H = n_heads, group = H / KV;
+  const int64_t H = n_heads;
   TORCH_CHECK(w2_parts.size() == 1 || w2_parts.size() == 3, "llama_block_decode: a weight is [packed] or [codes, d, m]");
   const int64_t F = w2_parts.size() == 1 ? w2_parts[0].size(1) : w2_parts[0].size(1) * dojo::kQBlock;
   const Weight wqkv(wqkv_parts, d, (H + 2 * KV) * D), wo(wo_parts, H * D, d), w13(w13_parts, d, 2 * F),
@@ -371,37 +308,27 @@ void llama_block_decode(torch::Tensor x, const torch::Tensor& attn_norm, const t
                           key_valid.size(1) > slot && key_valid.stride(1) == 1),
               "llama_block_decode: key_valid must be bool (B, > slot)");
   float* px = x.data_ptr<float>();
-  float *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>();
   const int64_t row_stride = k_cache.stride(0), head_stride = k_cache.stride(1);  // slot stride is D
   const int64_t qkv_width = (H + 2 * KV) * D;
   std::vector<float> h(B * d), qkv(B * qkv_width), att(B * H * D), up(B * 2 * F), out(B * d);
 
-  // attention: norm, Q/K/V, RoPE on Q and K, K and V into the cache
+  // attention: norm, Q/K/V, RoPE on Q and K, K and V into the cache, softmax(q k^T / sqrt(D)) v
+  // over slots [0, slot]
   rms_norm(px, attn_norm.data_ptr<float>(), eps, B, d, h.data());
   wqkv.apply(h.data(), B, qkv.data());
   const float *pcos = cos.data_ptr<float>(), *psin = sin.data_ptr<float>();
   for_rows(B, [&](int64_t b) {
     float* row = qkv.data() + b * qkv_width;
     for (int64_t head = 0; head < H + KV; ++head) rotate(row + head * D, pcos + b * D, psin + b * D, D, adjacent);
-    for (int64_t g = 0; g < KV; ++g) {
-      std::copy_n(row + (H + g) * D, D, kc + b * row_stride + g * head_stride + slot * D);
-      std::copy_n(row + (H + KV + g) * D, D, vc + b * row_stride + g * head_stride + slot * D);
-    }
   });
-  // softmax(q k^T / sqrt(D)) v over slots [0, slot], per row and KV head for the query
-  // heads that read it (query head h reads KV head h / group)
-  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const bool* valid = masked ? key_valid.data_ptr<bool>() : nullptr;
   const int64_t valid_stride = masked ? key_valid.stride(0) : 0;
-  // Work items: a row's KV head with its query heads, or, when there are too few of those
-  // to share out evenly between the threads (batch 1: 3 for SmolLM2), one query head each.
-  const int64_t heads_per_item = B * KV >= 8 ? group : 1, items = B * H / heads_per_item;
-#pragma omp parallel for schedule(static)
-  for (int64_t item = 0; item < items; ++item) {
-    const int64_t b = item * heads_per_item / H, head = item * heads_per_item % H, g = head / group;
-    attend_group(qkv.data() + b * qkv_width + head * D, kc + b * row_stride + g * head_stride,
-                 vc + b * row_stride + g * head_stride, slot + 1, D, heads_per_item,
-                 valid ? valid + b * valid_stride : nullptr, scale, att.data() + b * H * D + head * D);
+  if (half_cache) {
+    cache_and_attend(qkv.data(), B, H, KV, D, k_cache.data_ptr<c10::Half>(), v_cache.data_ptr<c10::Half>(), row_stride,
+                     head_stride, slot, valid, valid_stride, att.data());
+  } else {
+    cache_and_attend(qkv.data(), B, H, KV, D, k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), row_stride,
+                     head_stride, slot, valid, valid_stride, att.data());
   }
   wo.apply(att.data(), B, out.data());
   for (int64_t i = 0; i < B * d; ++i) px[i] += out[i];
