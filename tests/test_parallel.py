@@ -169,7 +169,8 @@ def test_missing_launcher_and_absent_ranks_are_clear_errors(tiny_file, monkeypat
     for name in LAUNCHER_ENV:
         monkeypatch.delenv(name, raising=False)
     for args, words in [(["--parallel", "tp"], ["needs a launcher", "torchrun"]),
-                        (["--micro-batches", "2"], ["--micro-batches is for --parallel pp"])]:
+                        (["--micro-batches", "2"], ["--micro-batches is for --parallel pp"]),
+                        (["--parallel", "tp", "--kv-dtype", "float16"], ["drop", "--kv-dtype"])]:
         assert main(["generate", "hi", "--model", tiny_file, *args]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and "Traceback" not in err and all(w in err for w in words), err

@@ -79,9 +79,9 @@ def generate_parallel(args) -> int:
     if (args.temperature, args.top_k, args.top_p, args.repetition_penalty) != (0.0, 0, 1.0, 1.0):
         raise DojoError("--parallel generates greedily: drop --temperature, --top-k, --top-p and "
                         "--repetition-penalty")
-    if (args.device, args.dtype, args.kernels, args.quantize) != ("cpu", "float32", "auto", None):
-        raise DojoError("--parallel runs the float32 model on CPU ranks (gloo): drop --device, --dtype, --kernels "
-                        "and --quantize")
+    if (args.device, args.dtype, args.kernels, args.quantize, args.kv_dtype) != ("cpu", "float32", "auto", None, None):
+        raise DojoError("--parallel runs the float32 model on CPU ranks (gloo): drop --device, --dtype, --kernels, "
+                        "--quantize and --kv-dtype")
     if args.dist_timeout <= 0:
         raise DojoError(f"--dist-timeout must be > 0 seconds, got {args.dist_timeout}")
     set_threads(args)
