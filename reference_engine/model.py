@@ -335,10 +335,12 @@ class Transformer(nn.Module):
         or over long prompts that read is a large part of the step. float16 keeps 11
         significant bits and values up to 65504; bfloat16 keeps 8 bits and float32's range.
         (Chapter 9's serving runner and chapter 8's pipeline stages keep their own caches.)"""
-        names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-        if dtype is not None and names.get(dtype, dtype) not in names.values():
+        from .load import DTYPES  # the names --dtype takes (load imports this module)
+
+        stored = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+        if stored not in (None, torch.float32, torch.float16, torch.bfloat16):
             raise DojoError(f"the KV cache stores float32, float16 or bfloat16; got {dtype!r}")
-        self.kv_dtype = names.get(dtype, dtype)
+        self.kv_dtype = stored
 
     def set_kv_cache(self, kind: str | type, allocator: type | None = None) -> None:
         """Choose the KV cache that `setup_cache` builds from now on:

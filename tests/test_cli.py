@@ -226,7 +226,7 @@ def test_bench_of_several_formats_is_one_table(tiny_file):
     for row in rows.values():
         assert row["decode_tok_s"] > 0 and row["ttft_s"] > 0 and row["perplexity"] > 0 and row["kl"] >= 0
     assert rows["fp32"]["kl"] < 1e-6 < rows["q8_0"]["kl"]
-    assert "speedup_vs_fp32" not in rows["fp32"] and "speedup_vs_fp32" in rows["q8_0"]
+    assert "speedup_vs_fp32" not in rows["fp32"] and rows["q8_0"]["speedup_vs_fp32"] > 0
     assert "q8_0" in result.stdout and "against float32 in this run" in result.stdout
 
 
