@@ -107,8 +107,9 @@ def counting(kernels, monkeypatch):
     return spy
 
 
-def decode_logits(model, prompts, steps=5):
-    """Logits of a left-padded batch at every decode step, greedy."""
+def decode_logits(model, prompts, steps=5, after_prefill=None):
+    """Logits of a left-padded batch at every decode step, greedy; after_prefill(model) runs
+    between the prompt and the first decode step."""
     ids, valid, positions = pad_left(prompts)
     B, T = ids.shape
     key_valid = torch.ones(B, T + steps, dtype=torch.bool)
@@ -119,6 +120,8 @@ def decode_logits(model, prompts, steps=5):
     with torch.inference_mode():
         logits = model(ids, positions=positions, key_valid=key_valid if padded else None)[:, -1]
         pos = positions[:, -1:] + 1
+        if after_prefill is not None:
+            after_prefill(model)
         for step in range(steps):
             token = logits.argmax(-1)
             logits = model(token[:, None], start=T + step, positions=pos + step,
@@ -164,6 +167,27 @@ def test_a_16_bit_cache_decodes_as_the_modules_do(counting, monkeypatch, kv_dtyp
     torch.testing.assert_close(rounded, full, rtol=0, atol=0.05)
     model.set_kv_cache("paged")  # the paged pool rounds the same values
     torch.testing.assert_close(decode_logits(model, prompts), rounded, rtol=1e-4, atol=1e-4)
+
+
+def test_padding_slots_are_not_read(counting, monkeypatch):
+    """A left-padded row's run of padding slots, cut to whole groups of 16, is skipped, not
+    weighed by 0: NaN stored there does not reach the fused step's logits (the modules, which
+    multiply those values by 0, give NaN), and the logits are those of clean padding."""
+    model = packed_llama()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 300, (40,), generator=g).tolist(), [5, 9, 2]]  # row 1: 37 padding slots
+
+    def poison(model):
+        for layer in model.layers:
+            layer.attn.kv_cache.v_cache[1, :, :32] = float("nan")
+
+    clean = decode_logits(model, prompts)
+    before = counting.blocks
+    fused = decode_logits(model, prompts, after_prefill=poison)
+    assert counting.blocks - before == 5 * model.config.n_layers
+    assert torch.equal(fused, clean), "the skipped slots change nothing, bit for bit"
+    monkeypatch.setattr(fused_decode, "plan_for", lambda model: None)
+    assert decode_logits(model, prompts, after_prefill=poison)[1].isnan().all(), "the modules read them (0 x NaN)"
 
 
 def test_the_cache_dtype_must_be_a_float_type():

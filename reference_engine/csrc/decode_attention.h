@@ -55,6 +55,16 @@ template <typename T>
 void attend_group(const float* q, const T* keys, const T* values, int64_t n_slots, int64_t D, int64_t group,
                   const bool* valid, float scale, float* out) {
   constexpr int64_t kPerLine = 64 / sizeof(T);  // cache entries per 64-byte line
+  if (valid) {
+    // Left padding (a batch of prompts of different lengths) is a run of invalid slots at the
+    // start: they weigh exactly 0, so they are not read at all. The run is cut to whole groups
+    // of 16 slots, which keeps every sum below in the same order: the result is the same, bit
+    // for bit. (bench's batch of 16 prompts of 16-76 tokens is about a third padding.)
+    int64_t first = 0;
+    while (first + 1 < n_slots && !valid[first]) ++first;
+    first -= first % kLanes;
+    keys += first * D, values += first * D, valid += first, n_slots -= first;
+  }
   std::vector<float> score(group * n_slots);
   std::vector<const float*> weights(group);
   for (int64_t h = 0; h < group; ++h) {

@@ -173,6 +173,16 @@ struct Weight {
 
 // ---- llama_block_decode ----------------------------------------------------------------
 
+// n floats of scratch memory for one call of llama_block_decode, reused by the next call
+// from the same thread (the caller's; the parallel loops inside only index into it).
+// Vectors made per call zero-filled their 370 KB at batch 16 every time (30 blocks: 6.20
+// against 6.32 ms at 16 rows and 100 slots, 15 alternating rounds).
+float* scratch(int64_t n) {
+  thread_local std::vector<float> buffer;
+  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
+  return buffer.data();
+}
+
 // fn(r) for each of B rows. The row-wise steps of a block (norms, RoPE, SwiGLU) share their
 // rows out between the threads from 4 rows on; for fewer, even entering a parallel region
 // costs more than the rows' work.
@@ -310,35 +320,37 @@ void llama_block_decode(torch::Tensor x, const torch::Tensor& attn_norm, const t
   float* px = x.data_ptr<float>();
   const int64_t row_stride = k_cache.stride(0), head_stride = k_cache.stride(1);  // slot stride is D
   const int64_t qkv_width = (H + 2 * KV) * D;
-  std::vector<float> h(B * d), qkv(B * qkv_width), att(B * H * D), up(B * 2 * F), out(B * d);
+  // the block's intermediate rows, in one buffer kept from call to call (see scratch)
+  float* const h = scratch(B * (d + qkv_width + H * D + 2 * F + d + F));
+  float *const qkv = h + B * d, *const att = qkv + B * qkv_width, *const up = att + B * H * D, *const out = up + B * 2 * F,
+               *const act = out + B * d;
 
   // attention: norm, Q/K/V, RoPE on Q and K, K and V into the cache, softmax(q k^T / sqrt(D)) v
   // over slots [0, slot]
-  rms_norm(px, attn_norm.data_ptr<float>(), eps, B, d, h.data());
-  wqkv.apply(h.data(), B, qkv.data());
+  rms_norm(px, attn_norm.data_ptr<float>(), eps, B, d, h);
+  wqkv.apply(h, B, qkv);
   const float *pcos = cos.data_ptr<float>(), *psin = sin.data_ptr<float>();
   for_rows(B, [&](int64_t b) {
-    float* row = qkv.data() + b * qkv_width;
+    float* row = qkv + b * qkv_width;
     for (int64_t head = 0; head < H + KV; ++head) rotate(row + head * D, pcos + b * D, psin + b * D, D, adjacent);
   });
   const bool* valid = masked ? key_valid.data_ptr<bool>() : nullptr;
   const int64_t valid_stride = masked ? key_valid.stride(0) : 0;
   if (half_cache) {
-    cache_and_attend(qkv.data(), B, H, KV, D, k_cache.data_ptr<c10::Half>(), v_cache.data_ptr<c10::Half>(), row_stride,
-                     head_stride, slot, valid, valid_stride, att.data());
+    cache_and_attend(qkv, B, H, KV, D, k_cache.data_ptr<c10::Half>(), v_cache.data_ptr<c10::Half>(), row_stride,
+                     head_stride, slot, valid, valid_stride, att);
   } else {
-    cache_and_attend(qkv.data(), B, H, KV, D, k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), row_stride,
-                     head_stride, slot, valid, valid_stride, att.data());
+    cache_and_attend(qkv, B, H, KV, D, k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), row_stride,
+                     head_stride, slot, valid, valid_stride, att);
   }
-  wo.apply(att.data(), B, out.data());
+  wo.apply(att, B, out);
   for (int64_t i = 0; i < B * d; ++i) px[i] += out[i];
 
   // MLP: norm, [gate; up], silu(gate) * up, down
-  rms_norm(px, ffn_norm.data_ptr<float>(), eps, B, d, h.data());
-  w13.apply(h.data(), B, up.data());
-  std::vector<float> act(B * F);
-  swiglu(up.data(), B, F, act.data());
-  w2.apply(act.data(), B, out.data());
+  rms_norm(px, ffn_norm.data_ptr<float>(), eps, B, d, h);
+  w13.apply(h, B, up);
+  swiglu(up, B, F, act);
+  w2.apply(act, B, out);
   for (int64_t i = 0; i < B * d; ++i) px[i] += out[i];
 }
 
