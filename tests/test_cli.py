@@ -127,6 +127,33 @@ def test_a_float16_kv_cache_from_the_command_line(tiny_file):
     assert result.returncode == 2 and "Traceback" not in result.stderr and "--kv-dtype" in result.stderr
 
 
+def test_roofline_of_a_quantized_model(tiny_file):
+    from reference_engine import load_model
+
+    c = load_model(tiny_file, pack=False)[0].config
+    result = run_cli("bench", "--roofline", "--model", tiny_file, "--quantize", "q8_0", "--json")
+    assert result.returncode == 0, result.stderr
+    assert "ridge" in result.stdout and "int8 dot products" in result.stdout
+    r = json.loads(result.stdout.strip().splitlines()[-1])
+    d, f, qkv = c.d_model, c.ffn_dim, (c.n_heads + 2 * c.n_kv_heads) * c.head_dim
+    per_layer = d * qkv + c.n_heads * c.head_dim * d + d * 2 * f + f * d
+    assert r["macs_per_row"] == c.n_layers * per_layer + c.vocab_size * d, "every matmul of a step, the head too"
+    assert r["matmuls"] == 4 * c.n_layers + 1 and r["int8"]
+    # the ceiling is a real one: 1 G to 2 T multiply-adds per second per thread, and no
+    # matmul beats it (a loop the compiler had folded away read 1e17)
+    assert 1e9 < r["peak_macs_per_s"] / r["threads"] < 2e12
+    assert 0 < r["matmul_fraction_of_peak"] < 1
+    assert r["batch_ratio_bound"] == pytest.approx(r["step_ms"]["batch1"] / 1e3 * r["matmul_macs_per_s"]
+                                                    / r["macs_per_row"])
+    assert r["step_ms"]["batch16"] > 0 and r["step_ms"]["batch16_slot1"] > 0
+
+
+@pytest.mark.parametrize("args,words", [(["--quantize", "w8a8"], ["does not run this model"]),
+                                        (["--quantize", "q8_0,int8"], ["one --quantize format"])])
+def test_roofline_refuses_what_it_cannot_draw(tiny_file, args, words):
+    assert_clean_error(run_cli("bench", "--roofline", "--model", tiny_file, *args), *words)
+
+
 def test_hf_baseline_is_timed_in_rounds_paired_with_the_engine(monkeypatch):
     from reference_engine import bench
 

@@ -316,3 +316,18 @@ def test_a_lock_left_by_an_interrupted_build_never_hangs(tmp_path, monkeypatch, 
     started = time.time()
     assert cpu_kernels.clear_stale_lock(folder / "lock", wait_s=1.5), "a fresh lock is waited for, then cleared"
     assert time.time() - started >= 1.0
+
+
+def test_roofline_of_a_float32_model(kernels):
+    """float32 weights: the FMA ceiling, the packed matmuls, the tied head (the embedding)."""
+    from reference_engine.roofline import run_roofline
+
+    model = packed_llama()
+    c = model.config
+    r = run_roofline(model, slots=20, rounds=1)
+    assert not r["int8"] and r["matmuls"] == 4 * c.n_layers + 1
+    d, f, qkv = c.d_model, c.ffn_dim, (c.n_heads + 2 * c.n_kv_heads) * c.head_dim
+    assert r["macs_per_row"] == c.n_layers * (d * qkv + c.n_heads * c.head_dim * d + 3 * d * f) + c.vocab_size * d
+    assert 0 < r["matmul_fraction_of_peak"] < 1 and r["slots"] == 20
+    assert model.layers[0].attn.kv_cache is None, "the cache it set up is cleared"
+    assert torch.is_grad_enabled(), "and autograd is as it was"

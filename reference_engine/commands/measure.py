@@ -30,6 +30,10 @@ def add_commands(sub) -> None:
                                                      "eager PyTorch, torch.compile, ONNX Runtime (eager,compile,onnx "
                                                      "or all), with set-up times and compile counts")
     b.add_argument("--new-tokens", type=int, default=32, metavar="N", help="tokens per --backend run (default 32)")
+    b.add_argument("--roofline", action="store_true", help="instead: where a decode step's time goes at batch 1 and "
+                                                           "16, against this machine's arithmetic ceiling and "
+                                                           "bandwidth measured in the same run (the ridge, and the "
+                                                           "batch-16 speed-up the matmuls allow)")
     sub.add_parser("build-kernels", help="build the optional compiled CPU kernel for decoding (once per machine)")
     gf = sub.add_parser("gpu-figures", help="on a CUDA GPU: bf16 decode eager / torch.compile / CUDA graphs, and "
                                             "Triton FlashAttention against SDPA, as one table naming the GPU")
@@ -106,6 +110,8 @@ def cmd_bench(args) -> int:
 
     if args.backend:
         return bench_backends(args)
+    if args.roofline:
+        return bench_roofline(args)
     names = format_names(args.quantize) if args.quantize else []  # unknown names fail before any loading
     if names:
         args.quantize = names[0]
@@ -123,6 +129,21 @@ def cmd_bench(args) -> int:
         result["formats"] = run_formats(names, args.model, kv_dtype=args.kv_dtype)
         print(f"\nfloat32 and {', '.join(names)} in the same run (4 evaluation windows for the quality):")
         print(format_formats_table(result["formats"]))
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+def bench_roofline(args) -> int:
+    from ..roofline import format_roofline, run_roofline
+
+    if args.llama_cpp or (args.quantize and "," in args.quantize) or args.quantize == "all":
+        raise DojoError("--roofline draws one model's roofline: give at most one --quantize format, without "
+                        "--llama-cpp")
+    model, _, _ = load(args)
+    result = run_roofline(model)
+    print(f"roofline of a decode step, {args.quantize or args.dtype}, {result['threads']} threads, one run:")
+    print(format_roofline(result))
     if args.json:
         print(json.dumps(result))
     return 0

@@ -18,6 +18,7 @@
 #include <torch/extension.h>
 
 #include "decode_attention.h"
+#include "ceilings.h"
 #include "quant_matmul.h"
 #include "vec16.h"
 
@@ -391,4 +392,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("x"), pybind11::arg("codes"), pybind11::arg("d"), pybind11::arg("m"), pybind11::arg("n_out"),
         pybind11::arg("simd") = true);
   m.def("have_vnni", &dojo::have_vnni, "built with AVX-512 VNNI");
+  m.def("peak_multiply_adds", &dojo::peak_multiply_adds, "multiply-adds per second on every thread: int8 (VNNI) or "
+        "float32 (FMA); 0 without AVX-512", pybind11::arg("int8"), pybind11::arg("iterations"));
 }
