@@ -16,8 +16,10 @@ however well the rest is done. 4-bit weights move the ridge down twice over: the
 eighth of float32's bytes (batch 1 gets faster) and the integer dot products that multiply
 them run 4x as many multiply-adds per instruction as float32 FMAs (the rate goes up). Both
 figures come out of this run: the ceilings from loops of nothing but the instruction
-(`csrc/ceilings.cpp`), the matmul rate from every matmul of a step called at 16 rows, the
-step times from the fused decode step at batch 1 and 16, in alternating rounds.
+(`csrc/ceilings.cpp`; for int8, also with the float work the integer matmul does per row
+and block of 32 inputs, which shares the vector units with the dot products), the matmul
+rate from every matmul of a step called at 16 rows, the step times from the fused decode
+step at batch 1 and 16, in alternating rounds.
 """
 
 from __future__ import annotations
@@ -109,6 +111,7 @@ def _measure(model, slots: int, rounds: int) -> dict:
             t.normal_()
     quantized = any(isinstance(lin, QuantizedLinear) for lin in plan.linears)
     peak = kernels.peak_multiply_adds(quantized, PEAK_ITERATIONS)
+    with_scales = kernels.peak_multiply_adds(True, PEAK_ITERATIONS, scales=True) if quantized else None
     calls = matmul_calls(model, plan)
     per_row = sum(n_in * n_out for _, n_in, n_out in calls)  # multiply-adds per row per step
     bandwidth = read_bandwidth(bandwidth_buffer(), repeats=5)
@@ -127,7 +130,7 @@ def _measure(model, slots: int, rounds: int) -> dict:
     model.clear_cache()
     return {
         "threads": torch.get_num_threads(), "int8": quantized, "slots": slots, "rows": ROWS,
-        "peak_macs_per_s": peak, "read_bandwidth_gb_s": bandwidth / 1e9,
+        "peak_macs_per_s": peak, "peak_with_scales_macs_per_s": with_scales, "read_bandwidth_gb_s": bandwidth / 1e9,
         "weight_mb_per_token": weight_bytes / 1e6, "macs_per_row": per_row, "matmuls": len(calls),
         "matmul_ms": matmul_s * 1e3, "matmul_macs_per_s": rate, "matmul_fraction_of_peak": rate / peak if peak else None,
         "step_ms": {name: s * 1e3 for name, s in step.items()},
@@ -145,8 +148,12 @@ def format_roofline(r: dict) -> str:
             if r["peak_macs_per_s"] else f"not measured (the build has no {kind})")
     of_peak = f", {r['matmul_fraction_of_peak']:.0%} of the ceiling" if r["matmul_fraction_of_peak"] else ""
     s, n = r["step_ms"], r["rows"]
-    rows = [
-        ("arithmetic ceiling", peak),
+    rows = [("arithmetic ceiling", peak)]
+    if r["peak_with_scales_macs_per_s"]:
+        rows.append(("with the scales' float work", f"{r['peak_with_scales_macs_per_s'] / 1e9:.0f} G/s "
+                     f"({r['peak_with_scales_macs_per_s'] / r['peak_macs_per_s']:.0%}): 8 dot products, then a "
+                     "conversion, a multiply and two multiply-adds, as the integer matmul does per row and block"))
+    rows += [
         ("read bandwidth", f"{r['read_bandwidth_gb_s']:.1f} GB/s"),
         (f"matmuls at {n} rows", f"{r['matmuls']} (every one of a step, the head last): {n} x "
                                  f"{r['macs_per_row'] / 1e6:.0f} M multiply-adds in {r['matmul_ms']:.2f} ms = "

@@ -142,6 +142,7 @@ def test_roofline_of_a_quantized_model(tiny_file):
     # the ceiling is a real one: 1 G to 2 T multiply-adds per second per thread, and no
     # matmul beats it (a loop the compiler had folded away read 1e17)
     assert 1e9 < r["peak_macs_per_s"] / r["threads"] < 2e12
+    assert 0 < r["peak_with_scales_macs_per_s"] < r["peak_macs_per_s"], "the float work costs dot products"
     assert 0 < r["matmul_fraction_of_peak"] < 1
     assert r["batch_ratio_bound"] == pytest.approx(r["step_ms"]["batch1"] / 1e3 * r["matmul_macs_per_s"]
                                                     / r["macs_per_row"])

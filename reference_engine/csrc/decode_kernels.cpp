@@ -393,5 +393,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("simd") = true);
   m.def("have_vnni", &dojo::have_vnni, "built with AVX-512 VNNI");
   m.def("peak_multiply_adds", &dojo::peak_multiply_adds, "multiply-adds per second on every thread: int8 (VNNI) or "
-        "float32 (FMA); 0 without AVX-512", pybind11::arg("int8"), pybind11::arg("iterations"));
+        "float32 (FMA); 0 without AVX-512; scales: with the integer matmul's float work per 8 dot products",
+        pybind11::arg("int8"), pybind11::arg("iterations"), pybind11::arg("scales") = false);
 }
