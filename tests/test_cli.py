@@ -150,7 +150,8 @@ def test_roofline_of_a_quantized_model(tiny_file):
 
 
 @pytest.mark.parametrize("args,words", [(["--quantize", "w8a8"], ["does not run this model"]),
-                                        (["--quantize", "q8_0,int8"], ["one --quantize format"])])
+                                        (["--quantize", "q8_0,int8"], ["one --quantize format"]),
+                                        (["--backend", "eager"], ["--backend"])])
 def test_roofline_refuses_what_it_cannot_draw(tiny_file, args, words):
     assert_clean_error(run_cli("bench", "--roofline", "--model", tiny_file, *args), *words)
 

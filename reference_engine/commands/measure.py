@@ -108,10 +108,10 @@ def cmd_bench(args) -> int:
 
     from ..bench_formats import format_formats_table, format_llama_cpp, format_names, run_formats, run_llama_cpp
 
-    if args.backend:
-        return bench_backends(args)
     if args.roofline:
         return bench_roofline(args)
+    if args.backend:
+        return bench_backends(args)
     names = format_names(args.quantize) if args.quantize else []  # unknown names fail before any loading
     if names:
         args.quantize = names[0]
@@ -137,9 +137,9 @@ def cmd_bench(args) -> int:
 def bench_roofline(args) -> int:
     from ..roofline import format_roofline, run_roofline
 
-    if args.llama_cpp or (args.quantize and "," in args.quantize) or args.quantize == "all":
+    if args.llama_cpp or args.backend or (args.quantize and "," in args.quantize) or args.quantize == "all":
         raise DojoError("--roofline draws one model's roofline: give at most one --quantize format, without "
-                        "--llama-cpp")
+                        "--llama-cpp or --backend")
     model, _, _ = load(args)
     result = run_roofline(model)
     print(f"roofline of a decode step, {args.quantize or args.dtype}, {result['threads']} threads, one run:")
