@@ -318,11 +318,13 @@ def test_a_lock_left_by_an_interrupted_build_never_hangs(tmp_path, monkeypatch, 
     assert time.time() - started >= 1.0
 
 
-def test_roofline_of_a_float32_model(kernels):
-    """float32 weights: the FMA ceiling, the packed matmuls, the tied head (the embedding)."""
+@pytest.mark.parametrize("tied", [True, False])
+def test_roofline_of_a_float32_model(kernels, tied):
+    """float32 weights: the FMA ceiling, the packed matmuls, the head (the embedding, or its own matrix)."""
     from reference_engine.roofline import run_roofline
 
-    model = packed_llama()
+    model = packed_llama(tie_embeddings=tied)
+    assert ("lm_head" in model._modules) != tied
     c = model.config
     r = run_roofline(model, slots=20, rounds=1)
     assert not r["int8"] and r["matmuls"] == 4 * c.n_layers + 1 and r["peak_with_scales_macs_per_s"] is None
