@@ -41,26 +41,27 @@ PEAK_ITERATIONS = 20_000_000  # 160 M instructions per thread: about 20 ms
 
 def matmul_calls(model, plan) -> list[tuple]:
     """(call, n_in, n_out) for every matmul of a decode step, the head last: the compiled
-    kernel itself, without the module's Python around it (a few us a call, 5-10% at 16 rows)."""
+    kernel itself, on the parts the fused step multiplies by (`fused_decode.weight_parts`),
+    without the module's Python around it (a few us a call, 5-10% at 16 rows)."""
     kernels = cpu_kernels._loaded
 
-    def call_of(lin):
-        if isinstance(lin, QuantizedLinear):
-            k = lin.kernel
-            return lambda x: kernels.quant_linear(x, k.codes, k.d, k.m, lin.out_features)
-        return lambda x: kernels.packed_linear(x, lin.packed.blocks, lin.out_features)
+    def call_of(parts, n_out):
+        if len(parts) == 1:  # [packed] float32
+            return lambda x: kernels.packed_linear(x, parts[0], n_out)
+        return lambda x: kernels.quant_linear(x, *parts, n_out)  # [codes, d, m]
 
-    calls = [(call_of(lin), lin.in_features, lin.out_features) for lin in plan.linears]
+    calls = [(call_of(fused_decode.weight_parts(lin), lin.out_features), lin.in_features, lin.out_features)
+             for lin in plan.linears]
     head = model._modules.get("lm_head")
     if head is not None:  # its own matrix (untied, or a quantized copy of the tied one)
-        if fused_decode.weight_parts(head) is None:
+        parts = fused_decode.weight_parts(head)
+        if parts is None:
             raise DojoError("--roofline needs the LM head in a layout the compiled kernels multiply, and this "
                             "model's head runs in PyTorch (its format is not one the integer kernels cover)")
-        calls.append((call_of(head), head.in_features, head.out_features))
+        calls.append((call_of(parts, head.out_features), head.in_features, head.out_features))
     else:
-        emb = model.tok_embeddings.weight
-        blocks = model.tied_head_packed.blocks
-        calls.append((lambda x: kernels.packed_linear(x, blocks, emb.shape[0]), emb.shape[1], emb.shape[0]))
+        n_out, n_in = model.tok_embeddings.weight.shape
+        calls.append((call_of([model.tied_head_packed.blocks], n_out), n_in, n_out))
     return calls
 
 

@@ -7,7 +7,6 @@
 #include "ceilings.h"
 
 #include <immintrin.h>
-#include <omp.h>
 
 #include <chrono>
 
