@@ -163,9 +163,11 @@ struct Weight {
       matmul(x, M, n_in, parts[0].data_ptr<float>(), parts[0].size(0), y, n_out);
       return;
     }
+    // the activations' codes, scales and sums, in buffers kept from call to call (as scratch)
     const int64_t nb = n_in / dojo::kQBlock;
-    std::vector<int8_t> a(M * n_in);
-    std::vector<float> dx(M * nb), sx(M * nb);
+    thread_local std::vector<int8_t> a;
+    thread_local std::vector<float> dx, sx;
+    if (static_cast<int64_t>(a.size()) < M * n_in) a.resize(M * n_in), dx.resize(M * nb), sx.resize(M * nb);
     dojo::quantize_rows(x, M, n_in, a.data(), dx.data(), sx.data());
     dojo::quant_matmul(a.data(), dx.data(), sx.data(), M, n_in, parts[0].data_ptr<uint8_t>(), parts[0].size(2),
                        scales_of(parts[1], parts[2]), parts[0].size(0), y, n_out);
@@ -355,16 +357,24 @@ void llama_block_decode(torch::Tensor x, const torch::Tensor& attn_norm, const t
   for (int64_t i = 0; i < B * d; ++i) px[i] += out[i];
 }
 
-// Activations (M, K) float32 -> (codes int8 (M, K), dx (M, K / 32), sx (M, K / 32)).
-std::vector<torch::Tensor> quantize_rows(const torch::Tensor& x, bool simd) {
+// Activations (M, K) float32 -> codes int8 (K / 32, M, 32), dx and sx (K / 32, M): the
+// block-major layout quant_matmul reads.
+std::vector<torch::Tensor> quantize_blocks_major(const torch::Tensor& x, bool simd) {
   check_float_cpu(x, "quantize_rows: x");
   TORCH_CHECK(x.dim() == 2 && x.size(1) % dojo::kQBlock == 0, "quantize_rows: x must be (rows, a multiple of 32)");
-  const int64_t M = x.size(0), K = x.size(1);
-  auto a = torch::empty({M, K}, x.options().dtype(torch::kChar));
-  auto dx = torch::empty({M, K / dojo::kQBlock}, x.options()), sx = torch::empty_like(dx);
-  dojo::quantize_rows(x.data_ptr<float>(), M, K, a.data_ptr<int8_t>(), dx.data_ptr<float>(), sx.data_ptr<float>(),
-                      simd);
+  const int64_t M = x.size(0), nb = x.size(1) / dojo::kQBlock;
+  auto a = torch::empty({nb, M, dojo::kQBlock}, x.options().dtype(torch::kChar));
+  auto dx = torch::empty({nb, M}, x.options()), sx = torch::empty_like(dx);
+  dojo::quantize_rows(x.data_ptr<float>(), M, x.size(1), a.data_ptr<int8_t>(), dx.data_ptr<float>(),
+                      sx.data_ptr<float>(), simd);
   return {a, dx, sx};
+}
+
+// The same, row by row: codes int8 (M, K), dx and sx (M, K / 32).
+std::vector<torch::Tensor> quantize_rows(const torch::Tensor& x, bool simd) {
+  const auto parts = quantize_blocks_major(x, simd);
+  return {parts[0].permute({1, 0, 2}).reshape({x.size(0), x.size(1)}), parts[1].t().contiguous(),
+          parts[2].t().contiguous()};
 }
 
 // y (M, n_out) = x (M, K) W^T for a quantized W (quant_matmul.h): x is quantized per row
@@ -374,7 +384,7 @@ torch::Tensor quant_linear(const torch::Tensor& x, const torch::Tensor& codes, c
   check_float_cpu(x, "quant_linear: x");
   TORCH_CHECK(x.dim() == 2, "quant_linear: x must be 2-D");
   check_quantized(codes, d, m, x.size(1), n_out, "quant_linear");
-  const auto parts = quantize_rows(x, simd);
+  const auto parts = quantize_blocks_major(x, simd);
   auto y = torch::empty({x.size(0), n_out}, x.options());
   dojo::quant_matmul(parts[0].data_ptr<int8_t>(), parts[1].data_ptr<float>(), parts[2].data_ptr<float>(), x.size(0),
                      x.size(1), codes.data_ptr<uint8_t>(), codes.size(2), scales_of(d, m), codes.size(0),

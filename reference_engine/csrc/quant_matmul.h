@@ -7,8 +7,9 @@ namespace dojo {
 
 constexpr int64_t kQBlock = 32;  // activations and weights share blocks of 32 inputs
 
-// Activations (M, K) float -> int8 codes a (M, K), scale dx and sum dx * sum(a) per row and
-// block of 32 (M, K / 32): dx = max|x| / 127, a = round-half-even(x * (1 / dx)).
+// Activations (M, K) float -> int8 codes a, scale dx and sum dx * sum(a) per row and block
+// of 32: dx = max|x| / 127, a = round-half-even(x * (1 / dx)). Stored block-major, for the
+// tiles (quant_matmul.cpp): a (K / 32, M, 32), dx and sx (K / 32, M).
 // simd=false runs the plain loop.
 void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* a, float* dx, float* sx, bool simd = true);
 
