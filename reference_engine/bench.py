@@ -19,6 +19,7 @@ import torch
 
 from . import cpu_kernels
 from .generate import generate
+from .kv_cache import KV_BLOCK
 from .perplexity import reference_text
 
 
@@ -169,7 +170,8 @@ def kv_cache_size(model) -> dict:
     """What the model's KV cache stores and its bytes per token (keys and values, every block)."""
     c = model.config
     dtype = model.kv_dtype or model.tok_embeddings.weight.dtype
-    per_token = 2 * c.n_layers * c.n_kv_heads * c.head_dim * dtype.itemsize
+    per_value = 1 + 4 / KV_BLOCK if dtype == torch.int8 else dtype.itemsize  # int8: a float32 scale per 32 codes
+    per_token = 2 * c.n_layers * c.n_kv_heads * c.head_dim * per_value
     return {"kv_dtype": str(dtype).removeprefix("torch."), "kv_kb_per_token": per_token / 1e3}
 
 

@@ -10,11 +10,11 @@ PyTorch.
 
 It is taken only where it computes what the modules would (`applies`): the kernels are
 built; the model is a float32 Llama-family model on the CPU, with heads a multiple of 16
-floats wide (the compiled attention's vectors) and a float32 or float16 cache; the weights are the ones
+floats wide (the compiled attention's vectors) and a float32, float16 or int8 cache; the weights are the ones
 packed (not edited since), float32 or quantized (`QuantizedLinear` with its codes repacked
 for the integer matmul, `compression/kernel_layout.py`); and nothing was swapped in: every block, attention, MLP and norm
 is the engine's own class with no hooks, attention is the configured implementation, the
-cache is the engine's static `KVCache`. A learner's attention function, cache class or
+cache is the engine's static `KVCache` or its `Int8KVCache`. A learner's attention function, cache class or
 forward hook therefore always runs. No gradients flow through it, so it is also skipped
 while autograd records.
 """
@@ -29,8 +29,9 @@ from . import cpu_kernels
 from . import model as m
 from .attention import ATTENTION_IMPLS
 from .compression.qlinear import QuantizedLinear
-from .kv_cache import KVCache
+from .kv_cache import Int8KVCache, KVCache
 
+_NONE = torch.empty(0)  # the scales passed for a float cache (only an int8 cache has them)
 _OWN_MODULES = {"attn_norm": "RMSNorm", "attn": "Attention", "ffn_norm": "RMSNorm", "mlp": "MLP"}
 
 
@@ -63,9 +64,9 @@ def _own_block(layer, attend) -> bool:
         if type(part) is not getattr(m, cls) or _hooked(part):
             return False
     attn, mlp = layer.attn, layer.mlp
-    if attn.attend is not attend or type(attn.kv_cache) is not KVCache:
+    if attn.attend is not attend or type(attn.kv_cache) not in (KVCache, Int8KVCache):
         return False
-    if attn.kv_cache.k_cache.dtype not in (torch.float32, torch.float16):  # what the compiled attention reads
+    if attn.kv_cache.k_cache.dtype not in (torch.float32, torch.float16, torch.int8):  # what the compiled attention reads
         return False
     return all(not _hooked(lin) and weight_parts(lin) is not None for lin in (attn.wqkv, attn.wo, mlp.w13, mlp.w2))
 
@@ -100,6 +101,9 @@ class Plan:
                            (mlp._modules, "w2", mlp.w2), (attn._modules, "wqkv", attn.wqkv),
                            (attn._modules, "wo", attn.wo)]
             self.watch += [(layer._modules, name, getattr(layer, name)) for name in _OWN_MODULES]
+            scales = (cache.k_scale, cache.v_scale) if type(cache) is Int8KVCache else (_NONE, _NONE)
+            if type(cache) is Int8KVCache:
+                self.watch += [(cache._buffers, "k_scale", cache.k_scale), (cache._buffers, "v_scale", cache.v_scale)]
             self.watch += [(part._parameters, "weight", part.weight) for part in (layer.attn_norm, layer.ffn_norm)]
             self.watch += [(lin._parameters, "weight", lin.weight) for lin in linears if type(lin) is m.Linear]
             for lin in linears:
@@ -111,7 +115,7 @@ class Plan:
             self.linears += linears
             self.blocks.append((layer.attn_norm.weight, layer.ffn_norm.weight, layer.attn_norm.eps,
                                 *(weight_parts(lin) for lin in linears), cache.k_cache, cache.v_cache,
-                                attn.n_heads, attn.rope_layout == "adjacent"))
+                                attn.n_heads, attn.rope_layout == "adjacent", *scales))
 
         # what `holds` compares at every step, flattened so that the comparisons run as C loops
         # (map and operator.is_; a Python loop over these ~700 items cost 0.3 ms per token)
@@ -157,7 +161,8 @@ def forward(model: "m.Transformer", plan: Plan, input_ids: torch.Tensor, start: 
     sin = model.rope_sin[positions[:, 0]].contiguous()
     valid = (torch.empty(0, dtype=torch.bool) if key_valid is None
              else key_valid[:, : start + 1].contiguous())
-    for (attn_norm, ffn_norm, eps, wqkv, wo, w13, w2, k_cache, v_cache, n_heads, adjacent) in plan.blocks:
+    for (attn_norm, ffn_norm, eps, wqkv, wo, w13, w2, k_cache, v_cache, n_heads, adjacent, k_scale,
+         v_scale) in plan.blocks:
         kernels.llama_block_decode(x, attn_norm, ffn_norm, eps, wqkv, wo, w13, w2, k_cache, v_cache, start,
-                                   cos, sin, valid, n_heads, adjacent)
+                                   cos, sin, valid, n_heads, adjacent, k_scale, v_scale)
     return model.head(model.norm(x[:, None]))

@@ -25,7 +25,7 @@ from . import cpu_kernels, fused_decode
 from .attention import ATTENTION_IMPLS
 from .config import ModelConfig
 from .errors import DojoError
-from .kv_cache import BlockAllocator, KVCache, PagedKVCache
+from .kv_cache import BlockAllocator, Int8KVCache, KVCache, PagedKVCache
 from .positional import alibi_bias, apply_rope, rope_tables, sinusoidal_table
 
 
@@ -334,12 +334,15 @@ class Transformer(nn.Module):
         token instead of 46), which a decode step reads in whole at every token: at batch 16
         or over long prompts that read is a large part of the step. float16 keeps 11
         significant bits and values up to 65504; bfloat16 keeps 8 bits and float32's range.
+        int8 (the static cache only) stores 8-bit codes with a float32 scale per block of 32
+        values (`Int8KVCache`, as GGUF's Q8_0): 28% of float32's bytes, each value within
+        1/254 of its block's largest.
         (Chapter 9's serving runner and chapter 8's pipeline stages keep their own caches.)"""
         from .load import DTYPES  # the names --dtype takes (load imports this module)
 
-        stored = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
-        if stored not in (None, torch.float32, torch.float16, torch.bfloat16):
-            raise DojoError(f"the KV cache stores float32, float16 or bfloat16; got {dtype!r}")
+        stored = {**DTYPES, "int8": torch.int8}.get(dtype, dtype) if isinstance(dtype, str) else dtype
+        if stored not in (None, torch.float32, torch.float16, torch.bfloat16, torch.int8):
+            raise DojoError(f"the KV cache stores float32, float16, bfloat16 or int8; got {dtype!r}")
         self.kv_dtype = stored
 
     def set_kv_cache(self, kind: str | type, allocator: type | None = None) -> None:
@@ -370,6 +373,9 @@ class Transformer(nn.Module):
         max_seq_len = max_seq_len or c.max_seq_len
         p = self.tok_embeddings.weight
         dtype = self.kv_dtype or p.dtype
+        if dtype == torch.int8 and (c.kv_cache == "paged" or self.cache_class is not KVCache):
+            raise DojoError("the int8 KV cache is the static one: use set_kv_cache('static'), or store a float type "
+                            "(--kv-dtype float16, or set_kv_dtype) with the paged cache or your own")
         if c.kv_cache == "paged":
             n_blocks = batch_size * -(-max_seq_len // c.kv_block_size)
             allocator = self.allocator_class(n_blocks, c.kv_block_size, batch_size)  # one table for all layers
@@ -378,7 +384,9 @@ class Transformer(nn.Module):
                                                   block_size=c.kv_block_size, dtype=dtype, device=p.device))
             return
         for layer in self.layers:
-            if self.cache_class is KVCache:
+            if dtype == torch.int8:
+                layer.attn.use_cache(Int8KVCache(batch_size, c.n_kv_heads, max_seq_len, c.head_dim, device=p.device))
+            elif self.cache_class is KVCache:
                 layer.attn.use_cache(KVCache(batch_size, c.n_kv_heads, max_seq_len, c.head_dim,
                                              dtype=dtype, device=p.device))
             else:

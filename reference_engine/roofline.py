@@ -107,10 +107,14 @@ def _measure(model, slots: int, rounds: int) -> dict:
     if plan is None:
         raise DojoError("--roofline times the compiled decode step, which does not run this model: it takes float32 "
                         "weights or a format the integer kernels cover (q4_1, q4_0, q8_0, int8, int4-gG) on the CPU, "
-                        "with a float32 or float16 KV cache")
+                        "with a float32, float16 or int8 KV cache")
     for layer in model.layers:  # a cache of plausible values: attention reads them at every step
-        for t in (layer.attn.kv_cache.k_cache, layer.attn.kv_cache.v_cache):
-            t.normal_()
+        cache = layer.attn.kv_cache
+        for t in (cache.k_cache, cache.v_cache):
+            t.random_(-127, 128) if t.dtype == torch.int8 else t.normal_()
+        for t in (getattr(cache, "k_scale", None), getattr(cache, "v_scale", None)):
+            if t is not None:
+                t.fill_(1 / 127)
     quantized = any(isinstance(lin, QuantizedLinear) for lin in plan.linears)
     peak = kernels.peak_multiply_adds(quantized, PEAK_ITERATIONS)
     with_scales = kernels.peak_multiply_adds(True, PEAK_ITERATIONS, scales=True) if quantized else None

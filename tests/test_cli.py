@@ -123,8 +123,18 @@ def test_a_float16_kv_cache_from_the_command_line(tiny_file):
     assert report["kv_kb_per_token"] == pytest.approx(2 * c.n_layers * c.n_kv_heads * c.head_dim * 2 / 1e3)
     result = run_cli("generate", "the cat", "--model", tiny_file, "--max-new-tokens", "4", "--kv-dtype", "float16")
     assert result.returncode == 0, result.stderr
-    result = run_cli("generate", "the cat", "--model", tiny_file, "--kv-dtype", "int8")
-    assert result.returncode == 2 and "Traceback" not in result.stderr and "--kv-dtype" in result.stderr
+    result = run_cli("generate", "the cat", "--model", tiny_file, "--kv-dtype", "int8")  # heads of 16
+    assert_clean_error(result, "multiple of 32 values", "--kv-dtype float16")
+
+
+def test_an_int8_kv_cache_from_the_command_line(tmp_path):
+    path = tmp_path / "wide_heads.gguf"  # heads of 32: one block of codes per scale
+    write_gguf(tiny_llama(n_heads=2, n_kv_heads=1, head_dim=32), path, "Q8_0")
+    result = run_cli("bench", "--model", path, "--json", "--no-baseline", "--kv-dtype", "int8")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["kv_dtype"] == "int8"
+    assert report["kv_kb_per_token"] == pytest.approx(2 * 2 * 1 * 32 * (1 + 4 / 32) / 1e3), "codes and scales"
 
 
 def test_roofline_of_a_quantized_model(tiny_file):

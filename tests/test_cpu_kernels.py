@@ -6,6 +6,7 @@ import torch
 
 from reference_engine import DojoError, cpu_kernels, fused_decode
 from reference_engine.generate import generate, pad_left
+from reference_engine.kv_cache import dequantize_kv, quantize_kv
 from reference_engine.model import PackedWeight, linear
 from test_decoding import ListCache  # a learner-style cache class
 from tiny_gguf import random_model
@@ -107,9 +108,9 @@ def counting(kernels, monkeypatch):
     return spy
 
 
-def decode_logits(model, prompts, steps=5, after_prefill=None):
+def decode_logits(model, prompts, steps=5, after_prefill=None, before_clear=None):
     """Logits of a left-padded batch at every decode step, greedy; after_prefill(model) runs
-    between the prompt and the first decode step."""
+    between the prompt and the first decode step, before_clear(model) after the last."""
     ids, valid, positions = pad_left(prompts)
     B, T = ids.shape
     key_valid = torch.ones(B, T + steps, dtype=torch.bool)
@@ -127,6 +128,8 @@ def decode_logits(model, prompts, steps=5, after_prefill=None):
             logits = model(token[:, None], start=T + step, positions=pos + step,
                            key_valid=key_valid if padded else None)[:, -1]
             out.append(logits)
+    if before_clear is not None:
+        before_clear(model)
     model.clear_cache()
     return torch.stack(out, 1)
 
@@ -190,9 +193,65 @@ def test_padding_slots_are_not_read(counting, monkeypatch):
     assert decode_logits(model, prompts, after_prefill=poison)[1].isnan().all(), "the modules read them (0 x NaN)"
 
 
-def test_the_cache_dtype_must_be_a_float_type():
-    with pytest.raises(DojoError, match="float32, float16 or bfloat16"):
-        packed_llama().set_kv_dtype(torch.int8)
+def test_an_int8_cache_decodes_as_the_modules_do(counting, monkeypatch):
+    """Keys and values stored as int8 codes with a scale per 32 values (prompts past 16 slots,
+    left-padded; heads of 64, the unrolled attention): the fused step writes the codes the
+    modules' `quantize_kv` writes (the scales up to the last bit of the keys and values they
+    come from) and attends to the same dequantized values; both stay near a float32 cache,
+    and not equal to it."""
+    model = packed_llama(n_heads=4, n_kv_heads=2, head_dim=64)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (40, 17, 33)]
+    full = decode_logits(model, prompts)
+    model.set_kv_dtype("int8")
+    caches = []
+
+    def keep(model):
+        caches.append([[b.clone() for b in layer.attn.kv_cache.buffers()] for layer in model.layers])
+
+    before = counting.blocks
+    fused = decode_logits(model, prompts, before_clear=keep)
+    assert counting.blocks - before == 5 * model.config.n_layers, "the fused step read the int8 cache"
+    monkeypatch.setattr(fused_decode, "plan_for", lambda model: None)
+    modules = decode_logits(model, prompts, before_clear=keep)
+    torch.testing.assert_close(fused, modules, rtol=1e-4, atol=1e-4)
+    for mine, theirs in zip(*caches):
+        assert [b.dtype for b in mine] == [torch.int8, torch.int8, torch.float32, torch.float32]
+        assert torch.equal(mine[0], theirs[0]) and torch.equal(mine[1], theirs[1]), "the same codes written"
+        for a, b in zip(mine[2:], theirs[2:]):  # the scales, from keys and values equal up to float rounding
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+    assert not torch.equal(fused, full), "the cache really holds rounded values"
+    # logits up to 19 here: the 8-bit codes move them by 0.1 at most, and no greedy token
+    torch.testing.assert_close(fused, full, rtol=0, atol=0.2)
+    assert torch.equal(fused.argmax(-1), full.argmax(-1))
+
+
+def test_int8_codes_round_each_block_of_32_to_its_own_scale():
+    x = torch.randn(3, 2, 5, 64) * torch.logspace(-3, 2, 64)  # blocks of very different ranges
+    x[0, 0, 0, :32] = 0.0  # an all-zero block: scale 0, codes 0
+    codes, scale = quantize_kv(x)
+    assert codes.dtype == torch.int8 and scale.shape == (3, 2, 5, 2)
+    blocks = x.unflatten(-1, (2, 32))
+    assert torch.equal(scale, blocks.abs().amax(-1) / 127) and codes.abs().max() == 127
+    assert scale[0, 0, 0, 0] == 0 and not codes[0, 0, 0, :32].any()
+    error = (dequantize_kv(codes, scale) - x).unflatten(-1, (2, 32)).abs()
+    assert (error <= scale[..., None] / 2 * (1 + 1e-6)).all(), "half a step at most, block by block"
+    ties = torch.tensor([127.0, 0.5, 1.5, 2.5, -0.5] + [0.0] * 27)  # scale 1: x / scale lands on .5
+    assert quantize_kv(ties)[0][:5].tolist() == [127, 0, 2, 2, 0], "half to even, as the kernel's nearbyint"
+
+
+def test_kv_dtypes_the_cache_cannot_store_are_refused():
+    with pytest.raises(DojoError, match="float32, float16, bfloat16 or int8"):
+        packed_llama().set_kv_dtype(torch.int16)
+    model = packed_llama()  # heads of 16: no whole block of 32
+    model.set_kv_dtype("int8")
+    with pytest.raises(DojoError, match="multiple of 32 values; this model's have 16"):
+        model.setup_cache(1, 8)
+    model = packed_llama(head_dim=32)
+    model.set_kv_dtype(torch.int8)
+    model.set_kv_cache("paged")
+    with pytest.raises(DojoError, match="the int8 KV cache is the static one"):
+        model.setup_cache(1, 8)
 
 
 def test_fused_generation_equals_the_modules(counting, monkeypatch):

@@ -39,9 +39,10 @@ def with_quantize(p):
     return p
 
 def with_kv_dtype(p):
-    p.add_argument("--kv-dtype", choices=["float32", "float16", "bfloat16"], default=None,
+    p.add_argument("--kv-dtype", choices=["float32", "float16", "bfloat16", "int8"], default=None,
                    help="what the KV cache stores (default: the weights' dtype); float16 halves the bytes a decode "
-                        "step reads from the cache, with keys and values rounded to 11 significant bits")
+                        "step reads from the cache, with keys and values rounded to 11 significant bits; int8 "
+                        "(codes with a scale per 32 values, as GGUF's Q8_0) reads 28%% of float32's bytes")
     return p
 
 def with_progress(p):

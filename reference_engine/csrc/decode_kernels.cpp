@@ -241,26 +241,44 @@ void rotate(float* v, const float* cos, const float* sin, int64_t D, bool adjace
   for (int64_t i = half; i < D; ++i) v[i] = tmp[i] * cos[i] + tmp[i - half] * sin[i];
 }
 
-// Write each row's new key and value heads (rows of qkv, after RoPE) into cache slot
-// `slot` (rounded to nearest even where the cache is float16, as PyTorch's copy does), then
-// attention over slots [0, slot] (decode_attention.h).
+// One key or value head of D floats into the cache: rounded to nearest even where the cache
+// is float16 (as PyTorch's copy does); as int8 codes with a scale per block of 32, the
+// arithmetic of kv_cache.quantize_kv (scale = max|x| / 127, code = round-half-even(x / scale),
+// with the same float division), so both paths write the same bytes.
 template <typename T>
-void cache_and_attend(const float* qkv, int64_t B, int64_t H, int64_t KV, int64_t D, T* kc, T* vc,
-                      int64_t row_stride, int64_t head_stride, int64_t slot, const bool* valid, int64_t valid_stride,
-                      float* att) {
+void store_head(const float* x, int64_t D, T* out, float* /*scale*/) {
+  for (int64_t i = 0; i < D; ++i) out[i] = static_cast<T>(x[i]);
+}
+
+void store_head(const float* x, int64_t D, int8_t* out, float* scale) {
+  for (int64_t b = 0; b < D; b += dojo::kKvBlock) {
+    float amax = 0.0f;
+    for (int64_t i = b; i < b + dojo::kKvBlock; ++i) amax = std::max(amax, std::fabs(x[i]));
+    const float d = amax / 127.0f;
+    scale[b / dojo::kKvBlock] = d;
+    for (int64_t i = b; i < b + dojo::kKvBlock; ++i)
+      out[i] = d > 0.0f ? static_cast<int8_t>(std::nearbyint(x[i] / d)) : 0;
+  }
+}
+
+// Write each row's new key and value heads (rows of qkv, after RoPE) into cache slot `slot`
+// (store_head; ks, vs: an int8 cache's scales, (rows, KV, slots, D / 32), else nullptr),
+// then attention over slots [0, slot] (decode_attention.h).
+template <typename T>
+void cache_and_attend(const float* qkv, int64_t B, int64_t H, int64_t KV, int64_t D, T* kc, T* vc, float* ks,
+                      float* vs, int64_t row_stride, int64_t head_stride, int64_t slot, const bool* valid,
+                      int64_t valid_stride, float* att) {
   const int64_t qkv_width = (H + 2 * KV) * D;
   for_rows(B, [&](int64_t b) {
     const float* row = qkv + b * qkv_width;
     for (int64_t g = 0; g < KV; ++g) {
-      T* k = kc + b * row_stride + g * head_stride + slot * D;
-      T* v = vc + b * row_stride + g * head_stride + slot * D;
-      for (int64_t i = 0; i < D; ++i) {
-        k[i] = static_cast<T>(row[(H + g) * D + i]);
-        v[i] = static_cast<T>(row[(H + KV + g) * D + i]);
-      }
+      const int64_t at = b * row_stride + g * head_stride + slot * D;
+      store_head(row + (H + g) * D, D, kc + at, ks ? ks + at / dojo::kKvBlock : nullptr);
+      store_head(row + (H + KV + g) * D, D, vc + at, vs ? vs + at / dojo::kKvBlock : nullptr);
     }
   });
-  dojo::attend_rows<T>(qkv, B, H, KV, D, kc, vc, row_stride, head_stride, slot + 1, valid, valid_stride, att);
+  dojo::attend_rows<T>(qkv, B, H, KV, D, kc, vc, ks, vs, row_stride, head_stride, slot + 1, valid, valid_stride,
+                       att);
 }
 
 }  // namespace
@@ -291,22 +309,33 @@ torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& packed,
 // for one new token in each of B rows, all written into cache slot `slot`.
 //   x: (B, d) the residual stream, updated in place.
 //   w*: packed weights (`pack_weight`) of wqkv (rows [Q; K; V]), wo, w13 (rows [gate; up]), w2.
-//   k_cache, v_cache: (batch >= B, KV, max_len, D), float32 or float16; cos, sin: (B, D) at
-//   each row's position.
+//   k_cache, v_cache: (batch >= B, KV, max_len, D), float32, float16 or int8; cos, sin: (B, D)
+//   at each row's position.
 //   key_valid: (B, >= slot + 1) bool, false for padding slots; or an empty tensor (all valid).
+//   k_scale, v_scale: an int8 cache's float32 scales (batch, KV, max_len, D / 32) (kv_cache.py's
+//   Int8KVCache); empty tensors for a float cache.
 void llama_block_decode(torch::Tensor x, const torch::Tensor& attn_norm, const torch::Tensor& ffn_norm, double eps,
                         const std::vector<torch::Tensor>& wqkv_parts, const std::vector<torch::Tensor>& wo_parts,
                         const std::vector<torch::Tensor>& w13_parts, const std::vector<torch::Tensor>& w2_parts,
                         torch::Tensor k_cache, torch::Tensor v_cache, int64_t slot, const torch::Tensor& cos,
-                        const torch::Tensor& sin, const torch::Tensor& key_valid, int64_t n_heads, bool adjacent) {
+                        const torch::Tensor& sin, const torch::Tensor& key_valid, int64_t n_heads, bool adjacent,
+                        const torch::Tensor& k_scale, const torch::Tensor& v_scale) {
   const std::initializer_list<const torch::Tensor*> all = {&x, &attn_norm, &ffn_norm, &cos, &sin};
   for (const torch::Tensor* t : all) check_float_cpu(*t, "llama_block_decode: every tensor");
-  const bool half_cache = k_cache.scalar_type() == torch::kHalf;
-  TORCH_CHECK((half_cache || k_cache.scalar_type() == torch::kFloat) &&
-                  v_cache.scalar_type() == k_cache.scalar_type() && k_cache.is_cpu() && v_cache.is_cpu() &&
-                  k_cache.is_contiguous() && v_cache.is_contiguous(),
-              "llama_block_decode: the caches must be contiguous CPU tensors, both float32 or both float16");
+  const auto kind = k_cache.scalar_type();
+  TORCH_CHECK((kind == torch::kFloat || kind == torch::kHalf || kind == torch::kChar) &&
+                  v_cache.scalar_type() == kind && k_cache.is_cpu() && v_cache.is_cpu() && k_cache.is_contiguous() &&
+                  v_cache.is_contiguous(),
+              "llama_block_decode: the caches must be contiguous CPU tensors, both float32, float16 or int8");
   const int64_t B = x.size(0), d = x.size(1), KV = k_cache.size(1), L = k_cache.size(2), D = k_cache.size(3);
+  const bool codes = kind == torch::kChar;
+  if (codes) {
+    for (const torch::Tensor* t : {&k_scale, &v_scale}) check_float_cpu(*t, "llama_block_decode: an int8 cache's scales");
+    TORCH_CHECK(D % dojo::kKvBlock == 0 && k_scale.dim() == 4 && k_scale.size(0) == k_cache.size(0) &&
+                    k_scale.size(1) == KV && k_scale.size(2) == L && k_scale.size(3) * dojo::kKvBlock == D &&
+                    v_scale.sizes() == k_scale.sizes(),
+                "llama_block_decode: an int8 cache needs scales (batch, KV, slots, D / 32) for keys and values");
+  }
   const int64_t H = n_heads;
   TORCH_CHECK(w2_parts.size() == 1 || w2_parts.size() == 3, "llama_block_decode: a weight is [packed] or [codes, d, m]");
   const int64_t F = w2_parts.size() == 1 ? w2_parts[0].size(1) : w2_parts[0].size(1) * dojo::kQBlock;
@@ -339,12 +368,16 @@ void llama_block_decode(torch::Tensor x, const torch::Tensor& attn_norm, const t
   });
   const bool* valid = masked ? key_valid.data_ptr<bool>() : nullptr;
   const int64_t valid_stride = masked ? key_valid.stride(0) : 0;
-  if (half_cache) {
-    cache_and_attend(qkv, B, H, KV, D, k_cache.data_ptr<c10::Half>(), v_cache.data_ptr<c10::Half>(), row_stride,
-                     head_stride, slot, valid, valid_stride, att);
+  if (codes) {
+    cache_and_attend(qkv, B, H, KV, D, k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>(),
+                     k_scale.data_ptr<float>(), v_scale.data_ptr<float>(), row_stride, head_stride, slot, valid,
+                     valid_stride, att);
+  } else if (kind == torch::kHalf) {
+    cache_and_attend(qkv, B, H, KV, D, k_cache.data_ptr<c10::Half>(), v_cache.data_ptr<c10::Half>(), nullptr,
+                     nullptr, row_stride, head_stride, slot, valid, valid_stride, att);
   } else {
-    cache_and_attend(qkv, B, H, KV, D, k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), row_stride,
-                     head_stride, slot, valid, valid_stride, att);
+    cache_and_attend(qkv, B, H, KV, D, k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), nullptr, nullptr,
+                     row_stride, head_stride, slot, valid, valid_stride, att);
   }
   wo.apply(att, B, out);
   for (int64_t i = 0; i < B * d; ++i) px[i] += out[i];
@@ -395,7 +428,12 @@ torch::Tensor quant_linear(const torch::Tensor& x, const torch::Tensor& codes, c
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_weight", &pack_weight, "copy a weight (n_out, n_in) into column blocks of 16 outputs");
   m.def("packed_linear", &packed_linear, "y = x @ weight.T with the weight from pack_weight");
-  m.def("llama_block_decode", &llama_block_decode, "one Llama block for one new token per row, in place");
+  m.def("llama_block_decode", &llama_block_decode, "one Llama block for one new token per row, in place",
+        pybind11::arg("x"), pybind11::arg("attn_norm"), pybind11::arg("ffn_norm"), pybind11::arg("eps"),
+        pybind11::arg("wqkv"), pybind11::arg("wo"), pybind11::arg("w13"), pybind11::arg("w2"), pybind11::arg("k_cache"),
+        pybind11::arg("v_cache"), pybind11::arg("slot"), pybind11::arg("cos"), pybind11::arg("sin"),
+        pybind11::arg("key_valid"), pybind11::arg("n_heads"), pybind11::arg("adjacent"),
+        pybind11::arg("k_scale") = torch::Tensor(), pybind11::arg("v_scale") = torch::Tensor());
   m.def("quantize_rows", &quantize_rows, "int8 codes, scale and scaled sum per row and block of 32",
         pybind11::arg("x"), pybind11::arg("simd") = true);
   m.def("quant_linear", &quant_linear, "y = x @ W.T for a quantized W, with int8 activations per block of 32",
