@@ -392,3 +392,13 @@ def test_roofline_of_a_float32_model(kernels, tied):
     assert 0 < r["matmul_fraction_of_peak"] < 1 and r["slots"] == 20
     assert model.layers[0].attn.kv_cache is None, "the cache it set up is cleared"
     assert torch.is_grad_enabled(), "and autograd is as it was"
+
+
+def test_roofline_with_an_int8_cache(kernels):
+    """The roofline fills an int8 cache with codes and scales before timing attention over it."""
+    from reference_engine.roofline import run_roofline
+
+    model = packed_llama(n_heads=2, n_kv_heads=1, head_dim=32)
+    model.set_kv_dtype("int8")
+    r = run_roofline(model, slots=20, rounds=1)
+    assert r["step_ms"]["batch16"] > 0 and model.layers[0].attn.kv_cache is None
