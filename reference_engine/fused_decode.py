@@ -101,8 +101,9 @@ class Plan:
                            (mlp._modules, "w2", mlp.w2), (attn._modules, "wqkv", attn.wqkv),
                            (attn._modules, "wo", attn.wo)]
             self.watch += [(layer._modules, name, getattr(layer, name)) for name in _OWN_MODULES]
-            scales = (cache.k_scale, cache.v_scale) if type(cache) is Int8KVCache else (_NONE, _NONE)
+            scales = (_NONE, _NONE)
             if type(cache) is Int8KVCache:
+                scales = (cache.k_scale, cache.v_scale)
                 self.watch += [(cache._buffers, "k_scale", cache.k_scale), (cache._buffers, "v_scale", cache.v_scale)]
             self.watch += [(part._parameters, "weight", part.weight) for part in (layer.attn_norm, layer.ffn_norm)]
             self.watch += [(lin._parameters, "weight", lin.weight) for lin in linears if type(lin) is m.Linear]

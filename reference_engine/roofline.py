@@ -12,11 +12,12 @@ Past the ridge, a batch of B rows costs at least B times the per-row arithmetic,
 
     batch-B tokens/s / batch-1 tokens/s  <=  t(batch-1 step) x matmul rate / multiply-adds per row
 
-however well the rest is done. 4-bit weights move the ridge down twice over: they are about
-a sixth of float32's bytes (SmolLM2: 97 MB against 538; batch 1 gets faster), and the
-integer dot products that multiply them do 4x as many multiply-adds per instruction as
-float32 FMAs (the rate goes up, by less: the tile also scales every block's sum). Both
-figures come out of this run: the ceilings from loops of nothing but the instruction
+however well the rest is done. 4-bit weights pull the ridge two ways: they are about a
+sixth of float32's bytes (SmolLM2: 97 MB against 538; batch 1 gets faster), which moves it
+down, and the integer dot products that multiply them do 4x as many multiply-adds per
+instruction as float32 FMAs, which raises the rate and moves it back up, by less (the tile
+also scales every block's sum): 3.5-4x float32's rate here, so at one bandwidth the ridge
+ends at about 0.65-0.75 of float32's. Both figures come out of this run: the ceilings from loops of nothing but the instruction
 (`csrc/ceilings.cpp`; for int8, also with the float work the integer matmul does per row
 and block of 32 inputs, which shares the vector units with the dot products), the matmul
 rate from every matmul of a step called at 16 rows, the step times from the fused decode
