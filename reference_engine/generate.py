@@ -17,6 +17,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from . import cpu_kernels
 from .errors import DojoError
 from .model import Transformer
 
@@ -61,11 +62,23 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return torch.where(seen, penalised, logits)
 
 
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """The argmax of each row of logits (B, V), (B,): the compiled kernels' where they are
+    loaded and the logits are a contiguous float32 CPU tensor (torch.argmax ran at about
+    3.5 G values/s here: 0.22 ms a step at batch 16, 4% of a quantized decode step), else
+    torch.argmax. Both give the first of equal values, and a NaN where a row has one."""
+    kernels = cpu_kernels._loaded
+    if (kernels is not None and logits.dim() == 2 and logits.dtype == torch.float32 and logits.device.type == "cpu"
+            and logits.is_contiguous() and logits.shape[1] > 0):
+        return kernels.argmax_rows(logits)
+    return logits.argmax(dim=-1)
+
+
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
            generator: torch.Generator | None = None) -> torch.Tensor:
     """Next token per row from logits (B, V). temperature 0 is greedy (argmax). Returns (B,)."""
     if temperature == 0.0:
-        return logits.argmax(dim=-1)
+        return greedy(logits)
     logits = top_k_top_p_filter(logits / temperature, top_k, top_p)
     probs = torch.softmax(logits.float(), dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

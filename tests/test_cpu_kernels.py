@@ -54,6 +54,42 @@ def test_linear_sends_up_to_64_rows_through_the_kernel(kernels, monkeypatch):
     assert calls == [(2, 16)]
 
 
+def test_argmax_rows_is_torch_argmax(kernels):
+    """The first of equal values, across lanes of 16 and within one; the first NaN; rows
+    of -inf; widths below 16 and past a multiple of 16."""
+    torch.manual_seed(0)
+    for rows, width in [(16, 49152 + 5), (1, 49152), (3, 7), (2, 16), (5, 33)]:
+        x = torch.randn(rows, width)
+        assert torch.equal(kernels.argmax_rows(x), x.argmax(-1)), (rows, width)
+    x = torch.zeros(4, 100)
+    x[0, [70, 3, 35]] = 5.0  # ties in lanes 6, 3 and 3: index 3 first
+    x[1, [20, 36]] = 5.0  # one lane, two blocks of 16 apart: the earlier
+    x[2, [90, 40]] = float("nan")  # the first NaN, whatever the values
+    x[2, 0] = float("inf")
+    x[3] = float("-inf")
+    assert kernels.argmax_rows(x).tolist() == x.argmax(-1).tolist() == [3, 20, 40, 0]
+    with pytest.raises(RuntimeError, match="float32"):
+        kernels.argmax_rows(torch.zeros(2, 8, dtype=torch.float64))
+
+
+def test_greedy_takes_the_kernel_for_contiguous_float32(kernels, monkeypatch):
+    from reference_engine import generate as gen
+
+    calls = []
+
+    class Spy:
+        def argmax_rows(self, logits):
+            calls.append(tuple(logits.shape))
+            return kernels.argmax_rows(logits)
+
+    monkeypatch.setattr(cpu_kernels, "_loaded", Spy())
+    logits = torch.randn(3, 50)
+    assert torch.equal(gen.sample(logits), logits.argmax(-1))
+    assert torch.equal(gen.greedy(logits.T), logits.T.argmax(-1))  # not contiguous: torch.argmax
+    assert torch.equal(gen.greedy(logits.double()), logits.argmax(-1))
+    assert calls == [(3, 50)]
+
+
 def test_turned_off_kernels_report_why(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "_loaded", None)
     monkeypatch.setenv("DOJO_KERNELS", "0")
@@ -161,11 +197,20 @@ def test_a_16_bit_cache_decodes_as_the_modules_do(counting, monkeypatch, kv_dtyp
     model.set_kv_dtype(kv_dtype)
     model.setup_cache(1, 8)
     assert model.layers[0].attn.kv_cache.k_cache.dtype == kv_dtype
+    caches = []
+
+    def keep(model):
+        caches.append([[b.clone() for b in layer.attn.kv_cache.buffers()] for layer in model.layers])
+
     before = counting.blocks
-    rounded = decode_logits(model, prompts)
+    rounded = decode_logits(model, prompts, before_clear=keep)
     assert counting.blocks - before == (5 * model.config.n_layers if kv_dtype == torch.float16 else 0)
     monkeypatch.setattr(fused_decode, "plan_for", lambda model: None)
-    torch.testing.assert_close(rounded, decode_logits(model, prompts), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(rounded, decode_logits(model, prompts, before_clear=keep), rtol=1e-4, atol=1e-4)
+    for mine, theirs in zip(*caches):  # each value rounded to nearest even, as the modules' copy rounds it
+        for a, b in zip(mine, theirs):
+            torch.testing.assert_close(a, b, rtol=2 ** -10, atol=0)  # keys from float32 sums in another order
+            assert (a == b).float().mean() > 0.99, "the same 16 bits for nearly every value"
     assert not torch.equal(rounded, full), "the cache really holds rounded values"
     torch.testing.assert_close(rounded, full, rtol=0, atol=0.05)
     model.set_kv_cache("paged")  # the paged pool rounds the same values

@@ -22,6 +22,8 @@
 #include "quant_matmul.h"
 #include "vec16.h"
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -244,20 +246,43 @@ void rotate(float* v, const float* cos, const float* sin, int64_t D, bool adjace
 // One key or value head of D floats into the cache: rounded to nearest even where the cache
 // is float16 (as PyTorch's copy does); as int8 codes with a scale per block of 32, the
 // arithmetic of kv_cache.quantize_kv (scale = max|x| / 127, code = round-half-even(x / scale),
-// with the same float division), so both paths write the same bytes.
-template <typename T>
-void store_head(const float* x, int64_t D, T* out, float* /*scale*/) {
-  for (int64_t i = 0; i < D; ++i) out[i] = static_cast<T>(x[i]);
+// with the same float division), so both paths write the same bytes. 16 values at a time
+// where the CPU has AVX-512 (D is a multiple of 16; of 32 for int8): one value at a time, the
+// int8 and float16 writes cost 0.17 and 0.08 ms per step at batch 16, SmolLM2's 30 blocks.
+void store_head(const float* x, int64_t D, float* out, float* /*scale*/) { std::copy(x, x + D, out); }
+
+void store_head(const float* x, int64_t D, c10::Half* out, float* /*scale*/) {
+#if defined(__AVX512F__)
+  for (int64_t i = 0; i < D; i += kLanes)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i),
+                        _mm512_cvtps_ph(_mm512_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#else
+  for (int64_t i = 0; i < D; ++i) out[i] = static_cast<c10::Half>(x[i]);
+#endif
 }
 
 void store_head(const float* x, int64_t D, int8_t* out, float* scale) {
   for (int64_t b = 0; b < D; b += dojo::kKvBlock) {
+#if defined(__AVX512F__)
+    const __m512 x0 = _mm512_loadu_ps(x + b), x1 = _mm512_loadu_ps(x + b + kLanes);
+    const float d = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1))) / 127.0f;
+    scale[b / dojo::kKvBlock] = d;
+    if (d > 0.0f) {  // division, not a multiply by 1 / d, and cvtps rounds half to even: quantize_kv's codes
+      const __m512 dv = _mm512_set1_ps(d);
+      const __m512 q0 = _mm512_div_ps(x0, dv), q1 = _mm512_div_ps(x1, dv);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + b), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(q0)));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + b + kLanes), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(q1)));
+    } else {
+      std::fill(out + b, out + b + dojo::kKvBlock, int8_t{0});
+    }
+#else
     float amax = 0.0f;
     for (int64_t i = b; i < b + dojo::kKvBlock; ++i) amax = std::max(amax, std::fabs(x[i]));
     const float d = amax / 127.0f;
     scale[b / dojo::kKvBlock] = d;
     for (int64_t i = b; i < b + dojo::kKvBlock; ++i)
       out[i] = d > 0.0f ? static_cast<int8_t>(std::nearbyint(x[i] / d)) : 0;
+#endif
   }
 }
 
@@ -390,6 +415,52 @@ void llama_block_decode(torch::Tensor x, const torch::Tensor& attn_norm, const t
   for (int64_t i = 0; i < B * d; ++i) px[i] += out[i];
 }
 
+// The index of the largest value of each row of logits (B, V), as torch.argmax gives it:
+// the first of equal values, and the first NaN where a row has one. Greedy decoding's pick:
+// torch.argmax took 0.22 ms over 16 x 49152 logits here (one thread, about 3.5 G values/s),
+// 4% of a batch-16 step; 16 lanes at a time, the rows shared between the threads, it takes
+// a few tens of us.
+int64_t argmax_row(const float* x, int64_t V) {
+  const auto first_nan = [&] { return std::find_if(x, x + V, [](float v) { return std::isnan(v); }) - x; };
+  int64_t i = 0, best = 0;
+#if defined(__AVX512F__)
+  if (V >= kLanes) {
+    __m512 top = _mm512_loadu_ps(x);
+    __m512i at = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), where = at;
+    const __m512i step = _mm512_set1_epi32(kLanes);
+    __mmask16 nan = _mm512_cmp_ps_mask(top, top, _CMP_UNORD_Q);
+    for (i = kLanes; i + kLanes <= V; i += kLanes) {
+      const __m512 v = _mm512_loadu_ps(x + i);
+      at = _mm512_add_epi32(at, step);
+      const __mmask16 higher = _mm512_cmp_ps_mask(v, top, _CMP_GT_OQ);  // strictly: a lane keeps its first
+      top = _mm512_mask_mov_ps(top, higher, v);
+      where = _mm512_mask_mov_epi32(where, higher, at);
+      nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    }
+    if (nan) return first_nan();
+    const float m = _mm512_reduce_max_ps(top);
+    best = _mm512_mask_reduce_min_epi32(_mm512_cmp_ps_mask(top, _mm512_set1_ps(m), _CMP_EQ_OQ), where);
+  }
+#endif
+  for (; i < V; ++i) {  // the tail (and everything without AVX-512)
+    if (std::isnan(x[i])) return first_nan();
+    if (x[i] > x[best]) best = i;
+  }
+  return best;
+}
+
+torch::Tensor argmax_rows(const torch::Tensor& logits) {
+  check_float_cpu(logits, "argmax_rows: logits");
+  TORCH_CHECK(logits.dim() == 2 && logits.size(1) > 0, "argmax_rows: logits must be (rows, vocabulary)");
+  const int64_t B = logits.size(0), V = logits.size(1);
+  auto out = torch::empty({B}, logits.options().dtype(torch::kLong));
+  const float* x = logits.data_ptr<float>();
+  int64_t* o = out.data_ptr<int64_t>();
+#pragma omp parallel for schedule(static) if (B >= 2)
+  for (int64_t r = 0; r < B; ++r) o[r] = argmax_row(x + r * V, V);
+  return out;
+}
+
 // Activations (M, K) float32 -> codes int8 (K / 32, M, 32), dx and sx (K / 32, M): the
 // block-major layout quant_matmul reads.
 std::vector<torch::Tensor> quantize_blocks_major(const torch::Tensor& x, bool simd) {
@@ -439,6 +510,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quant_linear", &quant_linear, "y = x @ W.T for a quantized W, with int8 activations per block of 32",
         pybind11::arg("x"), pybind11::arg("codes"), pybind11::arg("d"), pybind11::arg("m"), pybind11::arg("n_out"),
         pybind11::arg("simd") = true);
+  m.def("argmax_rows", &argmax_rows, "the index of each row's largest value, as torch.argmax");
   m.def("have_vnni", &dojo::have_vnni, "built with AVX-512 VNNI");
   m.def("peak_multiply_adds", &dojo::peak_multiply_adds, "multiply-adds per second on every thread: int8 (VNNI) or "
         "float32 (FMA); 0 without AVX-512; scales: with the integer matmul's float work per 8 dot products",
