@@ -334,10 +334,11 @@ class Transformer(nn.Module):
         token instead of 46), which a decode step reads in whole at every token: at batch 16
         or over long prompts that read is a large part of the step. float16 keeps 11
         significant bits and values up to 65504; bfloat16 keeps 8 bits and float32's range.
-        int8 (the static cache only) stores 8-bit codes with a float32 scale per block of 32
-        values (`Int8KVCache`, as GGUF's Q8_0): 28% of float32's bytes, each value within
-        1/254 of its block's largest.
-        (Chapter 9's serving runner and chapter 8's pipeline stages keep their own caches.)"""
+        int8 (the static cache, not the paged one) stores 8-bit codes with a float32 scale per
+        block of 32 values (`Int8KVCache`, as GGUF's Q8_0): 28% of float32's bytes, each value
+        within 1/254 of its block's largest.
+        (Chapter 9's serving pool, `serve/runner.py`, stores the same dtypes, int8 included;
+        chapter 8's pipeline stages keep their own caches.)"""
         from .load import DTYPES  # the names --dtype takes (load imports this module)
 
         stored = {**DTYPES, "int8": torch.int8}.get(dtype, dtype) if isinstance(dtype, str) else dtype

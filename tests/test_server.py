@@ -215,6 +215,16 @@ def test_metrics_are_prometheus_text(server):
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
 
 
+def test_an_int8_kv_pool_serves_and_says_so():
+    """`serve --kv-dtype int8`: the pool holds int8 codes and a scale per 32 values, 13.0 KB a
+    token for SmolLM2 (8 blocks of 16 slots: 1.7 MB), and the server answers."""
+    with ServerProcess(["--kv-dtype", "int8", "--kv-blocks", "8", "--threads", "1"]) as s:
+        body = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 6, "temperature": 0}
+        reply = httpx.post(s.url + "/v1/completions", json=body, timeout=60).json()
+        assert reply["usage"]["completion_tokens"] == 6 and reply["choices"][0]["text"].strip()
+        assert "KV pool 8 x 16 slots = 2 MB in int8" in s.output()
+
+
 def test_sigterm_finishes_short_requests_and_cancels_long_ones():
     """Graceful shutdown: no new connections, running requests get --shutdown-timeout seconds,
     then what still runs is cancelled; the process ends as SIGTERM asks (status -15)."""

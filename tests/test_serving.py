@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from reference_engine.errors import DojoError
-from reference_engine.generate import generate
+from reference_engine.generate import decode_one_token, generate, prefill
 from reference_engine.serve.engine import Engine
+from reference_engine.serve.runner import PagedRunner
 from reference_engine.serve.scheduler import RUNNING, Request, SamplingParams, Scheduler
 from tiny_gguf import random_model
 
@@ -196,6 +197,48 @@ def test_each_request_gets_what_it_gets_alone(n_blocks, block_size, budget, max_
         assert reqs[rid].output == alone(model, p, lengths[rid]), f"{rid} changed in company"
     if n_blocks == 9:
         assert any(e["preempted"] for e in engine.scheduler.log), "the small pool never preempted"
+
+
+@pytest.mark.parametrize("kv_dtype, stored, per_value, tolerance", [("float16", torch.float16, 2, 0.01),
+                                                                    ("int8", torch.int8, 1 + 4 / 32, 0.2)])
+def test_a_rounded_pool_gives_what_the_same_static_cache_gives(kv_dtype, stored, per_value, tolerance):
+    """`--kv-dtype` for serving: the pool stores each key and value as the static cache of that
+    dtype does (float16; int8 codes with a float32 scale per 32 values), so every request's
+    greedy output equals what `generate` gives it alone with that cache, through chunked
+    prompts and preemption. Its logits are those of the static cache to float64 rounding, near
+    the float64 pool's, and not equal to them."""
+    model = random_model("tiny", seed=3, head_dim=32)  # float64: equal tokens are not luck with rounding
+    rng = random.Random(5)
+    prompts = {f"r{i}": [rng.randrange(model.config.vocab_size) for _ in range(rng.randint(3, 12))] for i in range(5)}
+    first = prompts["r0"]
+    steps = [[(first, 0, [0, 1, 2, 3], True)], [([7], len(first), [0, 1, 2, 3], True)]]  # its prompt, one decode
+    runner = PagedRunner(model, 8, 4)
+    exact = [runner.forward_step(chunks)[0] for chunks in steps]
+    model.set_kv_dtype(kv_dtype)
+    runner = PagedRunner(model, 8, 4)
+    rounded = [runner.forward_step(chunks)[0] for chunks in steps]
+    model.setup_cache(1, 16)
+    static = [prefill(model, torch.tensor([first]))[0], decode_one_token(model, torch.tensor([7]), len(first))[0]]
+    model.clear_cache()
+    for a, b, c in zip(rounded, exact, static):
+        torch.testing.assert_close(a, c, rtol=1e-9, atol=1e-9)
+        assert not torch.equal(a, b), "the pool really holds rounded values"
+        torch.testing.assert_close(a, b, rtol=0, atol=tolerance)  # logits up to 13 here
+    engine = Engine(model, n_blocks=12, block_size=2, token_budget=5)  # 24 slots for 5 x up to 24: preempts
+    out = engine.generate(prompts, SamplingParams(max_tokens=12))
+    for rid, p in prompts.items():
+        assert out[rid] == alone(model, p, 12), f"{rid} changed in company"
+    assert any(e["preempted"] for e in engine.scheduler.log), "the small pool never preempted"
+    c = model.config
+    assert engine.runner.pools[0].k.dtype == stored
+    assert engine.runner.bytes_per_token == 2 * c.n_layers * c.n_kv_heads * c.head_dim * per_value
+
+
+def test_an_int8_pool_needs_whole_blocks_of_32():
+    model = random_model("tiny")  # heads of 16
+    model.set_kv_dtype("int8")
+    with pytest.raises(DojoError, match="multiple of 32 values; this model's have 16: use --kv-dtype float16"):
+        Engine(model, n_blocks=4)
 
 
 def test_sampling_with_a_seed_does_not_depend_on_the_company():

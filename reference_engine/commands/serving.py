@@ -7,7 +7,7 @@ import json
 import sys
 
 from ..errors import DojoError
-from .common import load, stop_ids, with_model, with_quantize
+from .common import load, stop_ids, with_kv_dtype, with_model, with_quantize
 
 MODEL_NAME = "smollm2-135m-instruct"
 
@@ -15,8 +15,9 @@ MODEL_NAME = "smollm2-135m-instruct"
 def add_commands(sub) -> None:
     from ..serve.scheduler import POLICIES
 
-    s = with_quantize(with_model(sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous "
-                                                              "batching (/v1/completions, /v1/chat/completions)")))
+    s = with_kv_dtype(with_quantize(with_model(sub.add_parser(
+        "serve", help="an OpenAI-compatible HTTP server with continuous batching (/v1/completions, "
+                      "/v1/chat/completions)"))))
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--served-model-name", default=None, metavar="NAME",
@@ -79,9 +80,10 @@ def cmd_serve(args) -> int:
     loop = EngineLoop(engine, max_waiting=args.max_waiting).start()
     name = args.served_model_name or (MODEL_NAME if args.model is None else _stem(args.model))
     cache_mb = engine.runner.bytes_per_token * args.kv_blocks * args.block_size / 1e6
+    kv = str(engine.runner.pools[0].k.dtype).removeprefix("torch.")
     print(f"serving {name} on http://{args.host}:{sock.getsockname()[1]} ({args.batching} batching, up to "
-          f"{args.max_batch} running, KV pool {args.kv_blocks} x {args.block_size} slots = {cache_mb:.0f} MB; "
-          f"loaded in {seconds:.1f} s). Ctrl-C or SIGTERM stops it.", file=sys.stderr, flush=True)
+          f"{args.max_batch} running, KV pool {args.kv_blocks} x {args.block_size} slots = {cache_mb:.0f} MB "
+          f"in {kv}; loaded in {seconds:.1f} s). Ctrl-C or SIGTERM stops it.", file=sys.stderr, flush=True)
     run_server(loop, tokenizer, name, stop_ids(tokenizer), sock, shutdown_timeout=args.shutdown_timeout)
     return 0
 

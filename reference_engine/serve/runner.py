@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import DojoError
+from ..kv_cache import KV_BLOCK, dequantize_kv, quantize_kv
 from ..model import Transformer
 
 
@@ -36,8 +37,46 @@ def gather(pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     return rows.view(*slots.shape, *pool.shape[1:])
 
 
+class LayerPool:
+    """One layer's keys and values for every pool row, (rows, n_kv_heads, head_dim) each, stored
+    in the model's KV dtype (`Transformer.set_kv_dtype`): as they are, rounded to 16 bits, or
+    as int8 codes with a float32 scale per 32 values (`kv_cache.quantize_kv`, the static
+    cache's arithmetic). Read back in the weights' dtype, as the static caches are."""
+
+    def __init__(self, rows: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device):
+        self.codes = dtype == torch.int8
+        if self.codes and head_dim % KV_BLOCK:
+            raise DojoError(f"an int8 KV pool stores a scale per {KV_BLOCK} values of a head, which needs heads of a "
+                            f"multiple of {KV_BLOCK} values; this model's have {head_dim}: use --kv-dtype float16")
+        self.k, self.v = (torch.zeros(rows, n_kv_heads, head_dim, dtype=dtype, device=device) for _ in "kv")
+        scales = (rows, n_kv_heads, head_dim // KV_BLOCK) if self.codes else (0,)
+        self.k_scale, self.v_scale = (torch.zeros(scales, device=device) for _ in "kv")
+
+    def write(self, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Keys and values (N, KV, D) of N new tokens into pool rows `rows` (N,)."""
+        for pool, scale, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
+            if self.codes:
+                codes, s = quantize_kv(x)
+                pool.index_copy_(0, rows, codes)
+                scale.index_copy_(0, rows, s)
+            else:
+                pool.index_copy_(0, rows, x.to(pool.dtype))
+
+    def read(self, slots: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values at pool rows `slots` (any shape), (*slots.shape, KV, D) in `dtype`."""
+        out = []
+        for pool, scale in ((self.k, self.k_scale), (self.v, self.v_scale)):
+            x = dequantize_kv(gather(pool, slots), gather(scale, slots)) if self.codes else gather(pool, slots)
+            out.append(x.to(dtype))
+        return out[0], out[1]
+
+    @property
+    def bytes_per_row(self) -> int:
+        return sum(t[0].numel() * t.element_size() for t in (self.k, self.v, self.k_scale, self.v_scale) if t.numel())
+
+
 class PagedRunner:
-    """The KV pool of every layer, (n_blocks * block_size, n_kv_heads, head_dim) each, and the
+    """The KV pool of every layer (`LayerPool`, n_blocks * block_size rows each) and the
     forward that reads and writes it."""
 
     def __init__(self, model: Transformer, n_blocks: int, block_size: int):
@@ -47,15 +86,14 @@ class PagedRunner:
                             "per-request distance mask is not built here")
         self.model, self.block_size = model, block_size
         p = model.tok_embeddings.weight
-        shape = (n_blocks * block_size, c.n_kv_heads, c.head_dim)
-        self.k_pool = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in model.layers]
-        self.v_pool = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in model.layers]
+        dtype = model.kv_dtype or p.dtype
+        self.pools = [LayerPool(n_blocks * block_size, c.n_kv_heads, c.head_dim, dtype, p.device)
+                      for _ in model.layers]
 
     @property
     def bytes_per_token(self) -> int:
-        """K and V of one token in every layer."""
-        k = self.k_pool[0]
-        return 2 * len(self.k_pool) * k[0].numel() * k.element_size()
+        """K and V of one token in every layer (and an int8 pool's scales)."""
+        return len(self.pools) * self.pools[0].bytes_per_row
 
     def slots(self, table: list[int], positions: range) -> torch.Tensor:
         """Pool rows of these positions of a request. Example: block_size 4, table [7, 2]:
@@ -77,7 +115,7 @@ class PagedRunner:
         x, rope, _ = model.embed(ids, 0, positions, None)  # (1, N, d_model); RoPE at each token's position
         for i, layer in enumerate(model.layers):
             h = layer.attn_norm(x)
-            x = x + self._attention(layer.attn, h, rope, self.k_pool[i], self.v_pool[i], new_slots, plan)
+            x = x + self._attention(layer.attn, h, rope, self.pools[i], new_slots, plan)
             x = x + layer.mlp(layer.ffn_norm(x))
         ends = [sum(len(c[0]) for c in chunks[: j + 1]) - 1 for j, c in enumerate(chunks) if c[3]]
         return model.head(model.norm(x[:, ends]))[0]  # (n sampled, vocab)
@@ -111,7 +149,7 @@ class PagedRunner:
         return decode, prompts
 
     @staticmethod
-    def _attention(attn, h: torch.Tensor, rope, k_pool, v_pool, new_slots, plan) -> torch.Tensor:
+    def _attention(attn, h: torch.Tensor, rope, pool: LayerPool, new_slots, plan) -> torch.Tensor:
         """`Attention.forward` for ragged chunks: the same projections and RoPE, keys and values
         written to the pool, then attention per group (module docstring)."""
         _, N, _ = h.shape
@@ -121,18 +159,15 @@ class PagedRunner:
         if attn.rope_layout is not None:
             qk = attn.rotate(qk, *rope, attn.rope_layout)
         q, k = qk[0, :, :H], qk[0, :, H:]  # (N, H, D), (N, KV, D)
-        k_pool.index_copy_(0, new_slots, k)  # each new token's K and V into its pool row
-        v_pool.index_copy_(0, new_slots, v)
+        pool.write(new_slots, k, v)  # each new token's K and V into its pool row
         y = torch.empty(N, H, D, dtype=h.dtype, device=h.device)
         decode, prompts = plan
         if decode is not None:
             rows, slots, mask = decode
-            keys = gather(k_pool, slots).transpose(1, 2)  # (B, L, KV, D) -> (B, KV, L, D)
-            values = gather(v_pool, slots).transpose(1, 2)
+            keys, values = (t.transpose(1, 2) for t in pool.read(slots, q.dtype))  # (B, L, KV, D) -> (B, KV, L, D)
             y[rows] = attn.attend(q[rows][:, :, None], keys, values, mask, False)[:, :, 0]  # (B, H, D)
         for rows, slots, mask in prompts:
-            keys = gather(k_pool, slots).transpose(0, 1)[None]  # (L, KV, D) -> (1, KV, L, D)
-            values = gather(v_pool, slots).transpose(0, 1)[None]
+            keys, values = (t.transpose(0, 1)[None] for t in pool.read(slots, q.dtype))  # (L, KV, D) -> (1, KV, L, D)
             qs = q[rows.start : rows.stop].transpose(0, 1)[None]  # (1, H, T, D)
             y[rows.start : rows.stop] = attn.attend(qs, keys, values, mask, mask is None)[0].transpose(0, 1)
         return attn.wo(y.view(1, N, H * D))
