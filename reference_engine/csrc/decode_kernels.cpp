@@ -53,11 +53,10 @@ void tile(const float* x, int64_t m0, const float* packed, int64_t K, int64_t nb
   const float* xm = x + m0 * K;
   for (int64_t k = 0; k < K; ++k) {
     vec16 wv[C];
-    // from 4 rows on, the weights 32 steps ahead are asked for non-temporal (they are used
-    // once per step; read through the L3, they push out the KV cache, as in quant_matmul.cpp):
-    // float32 at batch 16, `generate`, 10 alternating rounds, 19.1 -> 17.7 ms a step. At batch
-    // 1 the hardware prefetcher already streams them at 90% of the bandwidth, and the hint
-    // measured no better.
+    // from 4 rows on, the weights 32 steps ahead are asked for non-temporal (used once per
+    // step, as in quant_matmul.cpp): float32 at batch 16, `generate`, 10 alternating rounds,
+    // 19.1 -> 17.7 and 19.3 -> 18.8 ms a step in two runs. At batch 1 the hardware prefetcher
+    // already streams them at 90% of the bandwidth, and the hint measured no better.
     if constexpr (R >= 4)
       for (int c = 0; c < C; ++c)
         _mm_prefetch(reinterpret_cast<const char*>(w + (c * K + k + 32) * kLanes), _MM_HINT_NTA);

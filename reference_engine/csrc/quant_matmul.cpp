@@ -171,10 +171,11 @@ void tile(const int8_t* a, const float* dx, const float* sx, int64_t M, int64_t 
     // per token at batch 1 with 4 blocks ahead), and 4 was still too close: 16 gave 1.12x
     // at batch 1 and 1.06x at batch 16 for Q4_1, 1.14-1.18x at batch 16 for Q8_0 (30 blocks,
     // 15 alternating rounds; 32 ahead measured the same as 16). Non-temporal: each code is
-    // used once per step, and 97 MB of them passing through the 32 MB L3 every step pushed out
-    // what is used again (the KV cache, the step's own Python objects: the fused step's check
-    // that its plan still holds took 0.19-0.22 ms a step instead of 0.07); `generate`, Q4_1, 10-12
-    // alternating rounds: batch 1 1.03-1.10x, batch 16 1.02-1.05x (float32, float16, int8 caches)
+    // used once per step, and 97 MB of them pass through the 32 MB L3, where what the step uses
+    // again (the KV cache, the step's own Python objects) would rather stay. `generate`, Q4_1,
+    // 10-12 alternating rounds: batch 1 1.03-1.10x and batch 16 1.02-1.05x in four runs (float32,
+    // float16, int8 caches) in one period, 1.00x in two runs an hour later: it depends on what
+    // else holds the L3, and was never slower.
     for (int64_t line = 0; line < kBytes; line += 64)
       _mm_prefetch(reinterpret_cast<const char*>(codes + (b + 16) * kBytes + line), _MM_HINT_NTA);
     __m512i w[8];  // w[t]: 4 codes per lane, for inputs 4t .. 4t + 3 of the block
