@@ -82,6 +82,16 @@ def dequantize_kv(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (codes.float().unflatten(-1, (-1, KV_BLOCK)) * scale[..., None]).flatten(-2)
 
 
+def int8_scale_shape(*rows: int, head_dim: int) -> tuple[int, ...]:
+    """The shape of the float32 scales of int8 codes (*rows, head_dim): one per KV_BLOCK
+    values of a head. Heads that are not whole blocks are refused (both int8 stores: this
+    module's cache and the serving pool)."""
+    if head_dim % KV_BLOCK:
+        raise DojoError(f"the int8 KV cache needs heads of a multiple of {KV_BLOCK} values; this model's "
+                        f"have {head_dim}: store a float type instead (--kv-dtype float16, or set_kv_dtype)")
+    return (*rows, head_dim // KV_BLOCK)
+
+
 class Int8KVCache(KVCache):
     """A static cache of int8 codes with a float32 scale per block of 32 values (`quantize_kv`):
     72 bytes per head of 64 values where float32 takes 256 and float16 128, so a decode step
@@ -92,11 +102,8 @@ class Int8KVCache(KVCache):
 
     def __init__(self, batch_size: int, n_kv_heads: int, max_seq_len: int, head_dim: int,
                  device: torch.device | str = "cpu"):
-        if head_dim % KV_BLOCK:
-            raise DojoError(f"the int8 KV cache needs heads of a multiple of {KV_BLOCK} values; this model's "
-                            f"have {head_dim}: store a float type instead (--kv-dtype float16, or set_kv_dtype)")
+        scales = int8_scale_shape(batch_size, n_kv_heads, max_seq_len, head_dim=head_dim)
         super().__init__(batch_size, n_kv_heads, max_seq_len, head_dim, dtype=torch.int8, device=device)
-        scales = (batch_size, n_kv_heads, max_seq_len, head_dim // KV_BLOCK)
         self.register_buffer("k_scale", torch.zeros(scales, device=device), persistent=False)
         self.register_buffer("v_scale", torch.zeros(scales, device=device), persistent=False)
 

@@ -17,11 +17,11 @@ sixth of float32's bytes (SmolLM2: 97 MB against 538; batch 1 gets faster), whic
 down, and the integer dot products that multiply them do 4x as many multiply-adds per
 instruction as float32 FMAs, which raises the rate and moves it back up, by less (the tile
 also scales every block's sum): 3.5-4x float32's rate here, so at one bandwidth the ridge
-ends at about 0.65-0.75 of float32's. Both figures come out of this run: the ceilings from loops of nothing but the instruction
-(`csrc/ceilings.cpp`; for int8, also with the float work the integer matmul does per row
-and block of 32 inputs, which shares the vector units with the dot products), the matmul
-rate from every matmul of a step called at 16 rows, the step times from the fused decode
-step at batch 1 and 16, in alternating rounds.
+ends at about 0.65-0.75 of float32's. Both figures come out of this run: the ceilings from
+loops of nothing but the instruction (`csrc/ceilings.cpp`; for int8, also with the float
+work the integer matmul does per row and block of 32 inputs, which shares the vector units
+with the dot products), the matmul rate from every matmul of a step called at 16 rows, the
+step times from the fused decode step at batch 1 and 16, in alternating rounds.
 """
 
 from __future__ import annotations

@@ -237,7 +237,8 @@ def test_a_rounded_pool_gives_what_the_same_static_cache_gives(kv_dtype, stored,
 def test_an_int8_pool_needs_whole_blocks_of_32():
     model = random_model("tiny")  # heads of 16
     model.set_kv_dtype("int8")
-    with pytest.raises(DojoError, match="multiple of 32 values; this model's have 16: use --kv-dtype float16"):
+    refusal = r"multiple of 32 values; this model's have 16: store a float type instead \(--kv-dtype float16"
+    with pytest.raises(DojoError, match=refusal):
         Engine(model, n_blocks=4)
 
 

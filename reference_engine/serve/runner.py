@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import DojoError
-from ..kv_cache import KV_BLOCK, dequantize_kv, quantize_kv
+from ..kv_cache import dequantize_kv, int8_scale_shape, quantize_kv
 from ..model import Transformer
 
 
@@ -45,11 +45,8 @@ class LayerPool:
 
     def __init__(self, rows: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device):
         self.codes = dtype == torch.int8
-        if self.codes and head_dim % KV_BLOCK:
-            raise DojoError(f"an int8 KV pool stores a scale per {KV_BLOCK} values of a head, which needs heads of a "
-                            f"multiple of {KV_BLOCK} values; this model's have {head_dim}: use --kv-dtype float16")
+        scales = int8_scale_shape(rows, n_kv_heads, head_dim=head_dim) if self.codes else (0,)
         self.k, self.v = (torch.zeros(rows, n_kv_heads, head_dim, dtype=dtype, device=device) for _ in "kv")
-        scales = (rows, n_kv_heads, head_dim // KV_BLOCK) if self.codes else (0,)
         self.k_scale, self.v_scale = (torch.zeros(scales, device=device) for _ in "kv")
 
     def write(self, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -64,11 +61,11 @@ class LayerPool:
 
     def read(self, slots: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values at pool rows `slots` (any shape), (*slots.shape, KV, D) in `dtype`."""
-        out = []
-        for pool, scale in ((self.k, self.k_scale), (self.v, self.v_scale)):
-            x = dequantize_kv(gather(pool, slots), gather(scale, slots)) if self.codes else gather(pool, slots)
-            out.append(x.to(dtype))
-        return out[0], out[1]
+        def one(pool: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+            x = gather(pool, slots)
+            return (dequantize_kv(x, gather(scale, slots)) if self.codes else x).to(dtype)
+
+        return one(self.k, self.k_scale), one(self.v, self.v_scale)
 
     @property
     def bytes_per_row(self) -> int:
