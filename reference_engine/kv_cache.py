@@ -14,7 +14,8 @@ Both caches have the same interface, so the model uses either (`Transformer.setu
     sequence owns a list of blocks (its block table), taken from a free list as it grows.
     Memory follows the tokens actually written, in steps of one block, and sequences of
     very different lengths share one pool. A paged-attention kernel reads the blocks in
-    place; this readable version gathers them into one tensor per step, which costs a copy.
+    place (the serving engine's, `csrc/paged_attention.cpp`); this readable version gathers
+    them into one tensor per step, which costs a copy.
 """
 
 from __future__ import annotations

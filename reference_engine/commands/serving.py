@@ -60,6 +60,15 @@ def add_commands(sub) -> None:
     bs.add_argument("--max-tokens", default="exp:64", metavar="SPEC", help="as for loadtest (default exp:64)")
     bs.add_argument("--threads", type=int, help="CPU threads of each server (default: all cores)")
     bs.add_argument("--json", action="store_true", help="also print one JSON object on the last line")
+    bs.add_argument("--model", metavar="PATH", help="GGUF file, for every server and --step (default: SmolLM2)")
+    with_kv_dtype(with_quantize(bs))  # passed on to every server, and used by --step
+    bs.add_argument("--step", action="store_true",
+                    help="instead of servers: time one decoding step of the serving forward in this process, the "
+                         "paged pool read in place by the compiled attention against gathered, side by side")
+    bs.add_argument("--batch", type=int, default=16, metavar="N", help="--step: requests decoding (default 16)")
+    bs.add_argument("--slots", type=int, default=200, metavar="N",
+                    help="--step: each request's slots, its own token included (default 200)")
+    bs.set_defaults(device="cpu", dtype="float32", kernels="auto")
 
 
 def cmd_serve(args) -> int:
@@ -132,9 +141,19 @@ def cmd_loadtest(args) -> int:
 
 
 def cmd_bench_serve(args) -> int:
-    from ..serve.bench import compare_batching, format_comparison
+    from ..serve.bench import compare_batching, format_comparison, format_step, time_decode_step
 
+    if args.step:
+        model, _, _ = load(args)
+        result = time_decode_step(model, args.batch, args.slots)
+        print(format_step(result, args.batch, args.slots, args.quantize or "float32", args.kv_dtype or "float32"))
+        if args.json:
+            print(json.dumps(result))
+        return 0
     extra = ["--threads", str(args.threads)] if args.threads else []
+    for flag in ("model", "quantize", "kv_dtype"):
+        if getattr(args, flag):
+            extra += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     results = compare_batching(args.batching.split(","), args.concurrency, args.requests, max_tokens=args.max_tokens,
                                server_args=extra, progress=sys.stderr.isatty())
     print(f"# {args.concurrency} concurrent clients, {args.requests} requests (greedy; max_tokens {args.max_tokens})")

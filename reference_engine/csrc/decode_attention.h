@@ -72,9 +72,9 @@ struct Slots {
 
 // out[h] = sum_s p[h][s] v[s] for G query heads, 64 outputs from offset i (4 registers per
 // head: G * 4 independent sums, each value loaded once for all G heads).
-template <int G, typename T, int kD = 0>
-void weigh_values(const float* const* p, const Slots<T> values, int64_t n_slots, int64_t i, float* out) {
-  if (kD == 0 && values.D == 64) return weigh_values<G, T, 64>(p, values, n_slots, i, out);
+template <int G, typename S, int kD = 0>
+void weigh_values(const float* const* p, const S values, int64_t n_slots, int64_t i, float* out) {
+  if (kD == 0 && values.D == 64) return weigh_values<G, S, 64>(p, values, n_slots, i, out);
   const int64_t D = kD ? kD : values.D;
   vec16 acc[G][4] = {};
   for (int64_t s = 0; s < n_slots; ++s) {
@@ -93,10 +93,9 @@ void weigh_values(const float* const* p, const Slots<T> values, int64_t n_slots,
 // time, the first fetching, read each key G times: attention over 91 slots at batch 16, 30
 // layers, took 2.09 ms in float32 and 1.39 in float16, against 1.93 and 1.20 this way; a C++
 // loop over caches in memory, medians of 40.)
-template <int G, typename T, int kD = 0>
-void score_heads(const float* q, const Slots<T> keys, const Slots<T> values, int64_t n_slots, float scale,
-                 float* const* sc) {
-  if (kD == 0 && keys.D == 64) return score_heads<G, T, 64>(q, keys, values, n_slots, scale, sc);
+template <int G, typename S, int kD = 0>
+void score_heads(const float* q, const S keys, const S values, int64_t n_slots, float scale, float* const* sc) {
+  if (kD == 0 && keys.D == 64) return score_heads<G, S, 64>(q, keys, values, n_slots, scale, sc);
   const int64_t D = kD ? kD : keys.D;
   const auto score_of = [&](int64_t s, vec16* acc) {  // one slot's q . k per head, before the lanes are summed
     for (int h = 0; h < G; ++h) acc[h] = vec16{};
@@ -125,16 +124,17 @@ void score_heads(const float* q, const Slots<T> keys, const Slots<T> values, int
 }
 
 // Attention of `group` query heads that share one KV head, for one row: q (group, D)
-// and out (group, D) contiguous; keys and values: n_slots slots (Slots<T>). A
+// and out (group, D) contiguous; keys and values: n_slots slots (Slots<T>, or any type with
+// its at, prefetch, from and D: paged_attention.cpp's PagedSlots reads a serving pool). A
 // slot with valid[s] false (padding) weighs nothing; the newest slot (the row's own token)
 // always counts. D is a multiple of 16. At batch 16 this reads the cache from memory (48 MB
 // per step at slot 64 for SmolLM2 in float32), so each key and value is read once for the
 // whole group (score_heads, weigh_values), and asked for ahead of use: 30 blocks took 6.0
 // ms where one query head at a time, without prefetching, took 6.4 (median of 15 rounds,
 // side by side). A float16 cache halves the bytes.
-template <typename T>
-void attend_group(const float* q, Slots<T> keys, Slots<T> values, int64_t n_slots, int64_t group, const bool* valid,
-                  float scale, float* out) {
+template <typename S>
+void attend_group(const float* q, S keys, S values, int64_t n_slots, int64_t group, const bool* valid, float scale,
+                  float* out) {
   const int64_t D = keys.D;
   if (valid) {
     // Left padding (a batch of prompts of different lengths) is a run of invalid slots at the

@@ -19,6 +19,7 @@
 
 #include "decode_attention.h"
 #include "ceilings.h"
+#include "paged_attention.h"
 #include "quant_matmul.h"
 #include "vec16.h"
 
@@ -517,6 +518,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quant_linear", &quant_linear, "y = x @ W.T for a quantized W, with int8 activations per block of 32",
         pybind11::arg("x"), pybind11::arg("codes"), pybind11::arg("d"), pybind11::arg("m"), pybind11::arg("n_out"),
         pybind11::arg("simd") = true);
+  m.def("paged_attention", &paged_attention, "attention of one new token per request over a paged KV pool, "
+        "read in place through each request's pool rows", pybind11::arg("q"), pybind11::arg("k_pool"),
+        pybind11::arg("v_pool"), pybind11::arg("k_scale"), pybind11::arg("v_scale"), pybind11::arg("rows"),
+        pybind11::arg("lengths"));
   m.def("argmax_rows", &argmax_rows, "the index of each row's largest value, as torch.argmax");
   m.def("have_vnni", &dojo::have_vnni, "built with AVX-512 VNNI");
   m.def("peak_multiply_adds", &dojo::peak_multiply_adds, "multiply-adds per second on every thread: int8 (VNNI) or "

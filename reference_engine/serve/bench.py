@@ -4,17 +4,25 @@ Each policy gets its own server process (`serve --batching ...`, started and sto
 and the same requests (the same prompts and max_tokens, greedy, so every policy writes the
 same tokens); the load generator runs in this process. Only the ratios between policies
 measured side by side mean anything on a shared machine.
+
+`bench-serve --step` times one decoding step of the serving forward in this process
+instead (`time_decode_step`): the pool read in place by the compiled paged attention
+against the same step with the pool gathered, in alternating rounds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
+import torch
+
+from .. import cpu_kernels
 from ..errors import DojoError
 from ..parallel.launch import free_port  # noqa: F401 (also what the tests pick ports with)
 from .loadtest import run_load, summarize, workload
@@ -108,4 +116,55 @@ def format_comparison(results: dict[str, dict]) -> str:
     lines.append(f"every policy wrote {totals.pop()} tokens (greedy: the same replies)" if len(totals) == 1 else
                  "warning: the policies wrote different numbers of tokens: " + ", ".join(
                      f"{p} {s['output_tokens']}" for p, s in results.items()))
+    return "\n".join(lines)
+
+
+def time_decode_step(model, batch: int = 16, slots: int = 200, rounds: int = 7, block_size: int = 16) -> dict:
+    """One step of `PagedRunner.forward_step` in which `batch` requests decode one token each
+    after slots - 1 earlier ones, the pool read in place and gathered in alternating rounds.
+    The pools hold random keys and values (a step's time does not depend on them), so no
+    prompt is run first. Returns {"in_place": median seconds, or None where the compiled
+    paged attention does not apply (with "why"), "gathered": median seconds}."""
+    from .runner import PagedRunner
+
+    cpu_kernels.kernels()  # loads them where built (never builds): the in-place read needs them
+    if batch < 1 or not 2 <= slots <= model.config.max_seq_len:
+        raise DojoError(f"--batch must be >= 1 and --slots 2 to the model's context ({model.config.max_seq_len}); "
+                        f"got {batch} and {slots}")
+    per_request = -(-slots // block_size)
+    runner = PagedRunner(model, batch * per_request, block_size)
+    with torch.inference_mode():
+        everything = torch.arange(batch * per_request * block_size)
+        for pool in runner.pools:
+            shape = (len(everything), *pool.k.shape[1:])
+            pool.write(everything, torch.randn(shape), torch.randn(shape))
+    chunks = [([7], slots - 1, list(range(b * per_request, (b + 1) * per_request)), True) for b in range(batch)]
+    modes = {"gathered": False}
+    if runner.pools[0].compiled() and model.tok_embeddings.weight.dtype == torch.float32:
+        modes["in_place"] = True
+    times = {mode: [] for mode in modes}
+    for _ in range(rounds + 1):  # the first round warms up
+        for mode, in_place in modes.items():
+            runner.read_in_place = in_place
+            t0 = time.perf_counter()
+            runner.forward_step(chunks)
+            times[mode].append(time.perf_counter() - t0)
+    result = {mode: statistics.median(t[1:]) for mode, t in times.items()}
+    if "in_place" not in result:
+        result["in_place"] = None
+        result["why"] = (f"the compiled kernels are {cpu_kernels.unavailable()}" if cpu_kernels._loaded is None
+                         else f"the compiled paged attention does not read a {runner.pools[0].k.dtype} pool")
+    return result
+
+
+def format_step(result: dict, batch: int, slots: int, weights: str, pool: str) -> str:
+    requests = f"{batch} request{'s' * (batch != 1)}"
+    gathered = result["gathered"]
+    lines = [f"serving decode step, {weights} weights, {pool} pool, {requests} at {slots} slots (median of "
+             "alternating rounds):", f"  pool gathered, then the model's attention     {gathered * 1e3:8.2f} ms"]
+    if result["in_place"] is None:
+        lines.append(f"  pool read in place                            not available: {result['why']}")
+    else:
+        lines.append(f"  pool read in place (compiled paged attention) {result['in_place'] * 1e3:8.2f} ms "
+                     f"({gathered / result['in_place']:.2f}x faster)")
     return "\n".join(lines)

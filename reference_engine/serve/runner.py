@@ -13,8 +13,10 @@ to end, one row of N tokens:
     request's block table: slot = table[pos // block_size] * block_size + pos % block_size;
   - attention is the only per-request part: the decoding requests are gathered into one
     padded batch (one query each, keys masked past each one's length), each prompt chunk
-    attends to its own keys causally. A paged-attention kernel reads the blocks in place;
-    this readable version gathers them, which costs a copy per layer.
+    attends to its own keys causally. Gathering costs a copy per layer; where the compiled
+    kernels are built, the decoding requests' attention reads the pool in place instead
+    (`paged_attention`, csrc/paged_attention.cpp), for float32 activations and a float32,
+    float16 or int8 pool with the model's own attention function.
 
 The result is the logits of the last token of each chunk that samples (`Step.samples`).
 The rows never mix: in float64 each request's greedy output is exactly what it gets alone
@@ -25,6 +27,8 @@ from __future__ import annotations
 
 import torch
 
+from .. import cpu_kernels
+from ..attention import ATTENTION_IMPLS
 from ..errors import DojoError
 from ..kv_cache import dequantize_kv, int8_scale_shape, quantize_kv
 from ..model import Transformer
@@ -67,6 +71,12 @@ class LayerPool:
 
         return one(self.k, self.k_scale), one(self.v, self.v_scale)
 
+    def compiled(self) -> bool:
+        """True where `paged_attention` reads this pool: a dtype the compiled attention reads
+        (bfloat16 has no loader there), on the CPU, with the kernels built and loaded."""
+        return (cpu_kernels._loaded is not None and self.k.device.type == "cpu"
+                and self.k.dtype in (torch.float32, torch.float16, torch.int8) and self.k.shape[2] % 16 == 0)
+
     @property
     def bytes_per_row(self) -> int:
         return sum(t[0].numel() * t.element_size() for t in (self.k, self.v, self.k_scale, self.v_scale) if t.numel())
@@ -74,7 +84,11 @@ class LayerPool:
 
 class PagedRunner:
     """The KV pool of every layer (`LayerPool`, n_blocks * block_size rows each) and the
-    forward that reads and writes it."""
+    forward that reads and writes it. `read_in_place = False` gathers the decoding requests'
+    keys and values even where the compiled paged attention applies (the readable path, and
+    the baseline `bench-serve --step` measures it against)."""
+
+    read_in_place = True
 
     def __init__(self, model: Transformer, n_blocks: int, block_size: int):
         c = model.config
@@ -135,7 +149,8 @@ class PagedRunner:
             for b, k in enumerate(keys):
                 slots[b, : len(k)], valid[b, : len(k)] = k, True
             mask = None if bool(valid.all()) else valid[:, None, None, :].to(device)
-            decode = (torch.tensor([offsets[j] for j in decodes], device=device), slots.to(device), mask)
+            lengths = torch.tensor([len(k) for k in keys])
+            decode = (torch.tensor([offsets[j] for j in decodes], device=device), slots.to(device), mask, lengths)
         prompts = []
         for j, (tokens, start, table, _) in enumerate(chunks):
             if len(tokens) > 1:
@@ -145,8 +160,7 @@ class PagedRunner:
                 prompts.append((range(offsets[j], offsets[j] + T), self.slots(table, range(L)).to(device), mask))
         return decode, prompts
 
-    @staticmethod
-    def _attention(attn, h: torch.Tensor, rope, pool: LayerPool, new_slots, plan) -> torch.Tensor:
+    def _attention(self, attn, h: torch.Tensor, rope, pool: LayerPool, new_slots, plan) -> torch.Tensor:
         """`Attention.forward` for ragged chunks: the same projections and RoPE, keys and values
         written to the pool, then attention per group (module docstring)."""
         _, N, _ = h.shape
@@ -160,9 +174,15 @@ class PagedRunner:
         y = torch.empty(N, H, D, dtype=h.dtype, device=h.device)
         decode, prompts = plan
         if decode is not None:
-            rows, slots, mask = decode
-            keys, values = (t.transpose(1, 2) for t in pool.read(slots, q.dtype))  # (B, L, KV, D) -> (B, KV, L, D)
-            y[rows] = attn.attend(q[rows][:, :, None], keys, values, mask, False)[:, :, 0]  # (B, H, D)
+            rows, slots, mask, lengths = decode
+            if (self.read_in_place and q.dtype == torch.float32 and pool.compiled()
+                    and attn.attend is ATTENTION_IMPLS[self.model.config.attn_impl]):
+                # the same softmax(q k^T / sqrt(D)) v, each request's rows read where they are
+                y[rows] = cpu_kernels._loaded.paged_attention(q[rows].contiguous(), pool.k, pool.v, pool.k_scale,
+                                                              pool.v_scale, slots, lengths)
+            else:
+                keys, values = (t.transpose(1, 2) for t in pool.read(slots, q.dtype))  # (B, L, KV, D) -> (B, KV, L, D)
+                y[rows] = attn.attend(q[rows][:, :, None], keys, values, mask, False)[:, :, 0]  # (B, H, D)
         for rows, slots, mask in prompts:
             keys, values = (t.transpose(0, 1)[None] for t in pool.read(slots, q.dtype))  # (L, KV, D) -> (1, KV, L, D)
             qs = q[rows.start : rows.stop].transpose(0, 1)[None]  # (1, H, T, D)
