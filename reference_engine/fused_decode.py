@@ -35,8 +35,10 @@ _NONE = torch.empty(0)  # the scales passed for a float cache (only an int8 cach
 _OWN_MODULES = {"attn_norm": "RMSNorm", "attn": "Attention", "ffn_norm": "RMSNorm", "mlp": "MLP"}
 
 
-def applies(model: "m.Transformer") -> bool:
-    """True when `forward` below gives the same logits as the modules for a T = 1 step."""
+def applies(model: "m.Transformer", cache: bool = True) -> bool:
+    """True when `forward` below gives the same logits as the modules for a T = 1 step
+    (cache=False: everything but the static cache, for the serving pool's fused step,
+    `serve/runner.py`, which checks its pool itself)."""
     c = model.config
     if cpu_kernels._loaded is None or torch.is_grad_enabled() or _global_hooks():
         return False
@@ -45,7 +47,7 @@ def applies(model: "m.Transformer") -> bool:
     if model.tok_embeddings.weight.dtype != torch.float32 or model.tok_embeddings.weight.device.type != "cpu":
         return False
     attend = ATTENTION_IMPLS[c.attn_impl]
-    return all(_own_block(layer, attend) for layer in model.layers)
+    return all(_own_block(layer, attend, cache) for layer in model.layers)
 
 
 def _global_hooks() -> bool:
@@ -56,7 +58,7 @@ def _hooked(module: torch.nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
-def _own_block(layer, attend) -> bool:
+def _own_block(layer, attend, cache: bool) -> bool:
     if type(layer) is not m.Block or _hooked(layer):
         return False
     for name, cls in _OWN_MODULES.items():
@@ -64,10 +66,11 @@ def _own_block(layer, attend) -> bool:
         if type(part) is not getattr(m, cls) or _hooked(part):
             return False
     attn, mlp = layer.attn, layer.mlp
-    if attn.attend is not attend or type(attn.kv_cache) not in (KVCache, Int8KVCache):
+    if attn.attend is not attend:
         return False
-    if attn.kv_cache.k_cache.dtype not in (torch.float32, torch.float16, torch.int8):  # what the compiled attention reads
-        return False
+    if cache and (type(attn.kv_cache) not in (KVCache, Int8KVCache)
+                  or attn.kv_cache.k_cache.dtype not in (torch.float32, torch.float16, torch.int8)):
+        return False  # (the dtypes the compiled attention reads)
     return all(not _hooked(lin) and weight_parts(lin) is not None for lin in (attn.wqkv, attn.wo, mlp.w13, mlp.w2))
 
 
@@ -87,24 +90,28 @@ def weight_parts(lin) -> list[torch.Tensor] | None:
 class Plan:
     """The fused step's arguments for every block, gathered once (`applies` walks ~300
     attributes: 0.7 ms, as long as 4% of a step), and a cheap test that they still hold:
-    every object they were read from is still in place, unhooked, and unedited."""
+    every object they were read from is still in place, unhooked, and unedited. With
+    cache=False the blocks carry None for the static cache (the serving pool's plan)."""
 
-    def __init__(self, model: "m.Transformer"):
+    def __init__(self, model: "m.Transformer", cache: bool = True):
         self.watch = [(model.__dict__, "config", model.config), (model._modules, "layers", model.layers)]
         self.modules, self.linears, self.blocks = [], [], []
         for i, layer in enumerate(model.layers):
-            attn, mlp, cache = layer.attn, layer.mlp, layer.attn.kv_cache
+            attn, mlp = layer.attn, layer.mlp
             linears = (attn.wqkv, attn.wo, mlp.w13, mlp.w2)
             self.watch += [(model.layers._modules, str(i), layer), (attn.__dict__, "attend", attn.attend),
-                           (attn.__dict__, "kv_cache", cache), (cache._buffers, "k_cache", cache.k_cache),
-                           (cache._buffers, "v_cache", cache.v_cache), (mlp._modules, "w13", mlp.w13),
-                           (mlp._modules, "w2", mlp.w2), (attn._modules, "wqkv", attn.wqkv),
-                           (attn._modules, "wo", attn.wo)]
+                           (mlp._modules, "w13", mlp.w13), (mlp._modules, "w2", mlp.w2),
+                           (attn._modules, "wqkv", attn.wqkv), (attn._modules, "wo", attn.wo)]
             self.watch += [(layer._modules, name, getattr(layer, name)) for name in _OWN_MODULES]
-            scales = (_NONE, _NONE)
-            if type(cache) is Int8KVCache:
-                scales = (cache.k_scale, cache.v_scale)
-                self.watch += [(cache._buffers, "k_scale", cache.k_scale), (cache._buffers, "v_scale", cache.v_scale)]
+            caches, scales = (None, None), (_NONE, _NONE)
+            if cache:
+                kv = attn.kv_cache
+                caches = (kv.k_cache, kv.v_cache)
+                self.watch += [(attn.__dict__, "kv_cache", kv), (kv._buffers, "k_cache", kv.k_cache),
+                               (kv._buffers, "v_cache", kv.v_cache)]
+                if type(kv) is Int8KVCache:
+                    scales = (kv.k_scale, kv.v_scale)
+                    self.watch += [(kv._buffers, "k_scale", kv.k_scale), (kv._buffers, "v_scale", kv.v_scale)]
             self.watch += [(part._parameters, "weight", part.weight) for part in (layer.attn_norm, layer.ffn_norm)]
             self.watch += [(lin._parameters, "weight", lin.weight) for lin in linears if type(lin) is m.Linear]
             for lin in linears:
@@ -115,7 +122,7 @@ class Plan:
             self.modules += [layer, layer.attn_norm, attn, layer.ffn_norm, mlp, *linears]
             self.linears += linears
             self.blocks.append((layer.attn_norm.weight, layer.ffn_norm.weight, layer.attn_norm.eps,
-                                *(weight_parts(lin) for lin in linears), cache.k_cache, cache.v_cache,
+                                *(weight_parts(lin) for lin in linears), *caches,
                                 attn.n_heads, attn.rope_layout == "adjacent", *scales))
 
         # what `holds` compares at every step, flattened so that the comparisons run as C loops
@@ -143,12 +150,23 @@ def _sources(lin) -> list[torch.Tensor]:
     return [buf for _, buf, _ in lin.kernel.sources]
 
 
-def plan_for(model: "m.Transformer") -> Plan | None:
-    """The model's plan, made or remade where needed; None where the fused step does not apply."""
-    plan = model.__dict__.get("_fused_plan")
+_PLAN_KEYS = {True: "_fused_plan", False: "_fused_plan_without_cache"}  # model.__dict__ keys, by `cache`
+
+
+def forget(model: "m.Transformer") -> None:
+    """Drop the model's plans (after a change that replaces its weights wholesale)."""
+    for key in _PLAN_KEYS.values():
+        model.__dict__.pop(key, None)
+
+
+def plan_for(model: "m.Transformer", cache: bool = True) -> Plan | None:
+    """The model's plan, made or remade where needed; None where the fused step does not
+    apply. cache=False: the plan without the static cache (`applies`)."""
+    key = _PLAN_KEYS[cache]
+    plan = model.__dict__.get(key)
     if plan is not None and plan.holds():
         return plan
-    model.__dict__["_fused_plan"] = plan = Plan(model) if applies(model) else None
+    model.__dict__[key] = plan = Plan(model, cache) if applies(model, cache) else None
     return plan
 
 

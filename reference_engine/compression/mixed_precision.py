@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import fused_decode
 from ..errors import DojoError
 
 
@@ -31,7 +32,7 @@ def to_mixed_precision(model, dtype: torch.dtype):
         if getattr(module, "packed", None) is not None:
             module.packed = None
     model.tied_head_packed = None
-    model.__dict__.pop("_fused_plan", None)
+    fused_decode.forget(model)
     return model
 
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import fused_decode
 from ..errors import DojoError
 from . import gguf_blocks
 from .calibration import block_inputs, calibration_windows
@@ -151,7 +152,7 @@ def quantize_model(model, fmt: str | Format, tokenizer=None, calibration: torch.
         setattr(model.get_submodule(parent), child, module)
     model.lm_head = head
     model.tied_head_packed = None
-    model.__dict__.pop("_fused_plan", None)
+    fused_decode.forget(model)
     return model
 
 

@@ -314,6 +314,53 @@ void cache_and_attend(const float* qkv, int64_t B, int64_t H, int64_t KV, int64_
                        att);
 }
 
+// Write each row's new key and value heads (rows of qkv, after RoPE) into pool row
+// new_rows[b] of a serving pool (KV, R, D) (ks, vs: an int8 pool's scales, else nullptr).
+template <typename T>
+void store_rows(const float* qkv, int64_t B, int64_t H, int64_t KV, int64_t R, int64_t D, T* kp, T* vp, float* ks,
+                float* vs, const int64_t* new_rows) {
+  const int64_t qkv_width = (H + 2 * KV) * D;
+  for_rows(B, [&](int64_t b) {
+    const float* row = qkv + b * qkv_width;
+    for (int64_t g = 0; g < KV; ++g) {
+      const int64_t at = (g * R + new_rows[b]) * D;
+      store_head(row + (H + g) * D, D, kp + at, ks ? ks + at / dojo::kKvBlock : nullptr);
+      store_head(row + (H + KV + g) * D, D, vp + at, vs ? vs + at / dojo::kKvBlock : nullptr);
+    }
+  });
+}
+
+// The block around its attention, for one new token per row of x (B, d), in place: norm,
+// Q/K/V, RoPE on Q and K, then attend(qkv, att) (store each row's new key and value, and
+// attention over its slots: the static cache's or the serving pool's), the output
+// projection and residual, then norm, [gate; up], silu(gate) * up, down and residual.
+template <typename Attend>
+void run_block(float* px, int64_t B, int64_t d, const float* attn_norm, const float* ffn_norm, float eps,
+               const Weight& wqkv, const Weight& wo, const Weight& w13, const Weight& w2, int64_t H, int64_t KV,
+               int64_t D, int64_t F, const float* pcos, const float* psin, bool adjacent, Attend attend) {
+  const int64_t qkv_width = (H + 2 * KV) * D;
+  // the block's intermediate rows, in one buffer kept from call to call (see scratch)
+  float* const h = scratch(B * (d + qkv_width + H * D + 2 * F + d + F));
+  float *const qkv = h + B * d, *const att = qkv + B * qkv_width, *const up = att + B * H * D, *const out = up + B * 2 * F,
+               *const act = out + B * d;
+
+  rms_norm(px, attn_norm, eps, B, d, h);
+  wqkv.apply(h, B, qkv);
+  for_rows(B, [&](int64_t b) {
+    float* row = qkv + b * qkv_width;
+    for (int64_t head = 0; head < H + KV; ++head) rotate(row + head * D, pcos + b * D, psin + b * D, D, adjacent);
+  });
+  attend(static_cast<const float*>(qkv), att);
+  wo.apply(att, B, out);
+  for (int64_t i = 0; i < B * d; ++i) px[i] += out[i];
+
+  rms_norm(px, ffn_norm, eps, B, d, h);
+  w13.apply(h, B, up);
+  swiglu(up, B, F, act);
+  w2.apply(act, B, out);
+  for (int64_t i = 0; i < B * d; ++i) px[i] += out[i];
+}
+
 }  // namespace
 
 torch::Tensor pack_weight(const torch::Tensor& weight) {
@@ -382,45 +429,82 @@ void llama_block_decode(torch::Tensor x, const torch::Tensor& attn_norm, const t
   TORCH_CHECK(!masked || (key_valid.scalar_type() == torch::kBool && key_valid.size(0) == B &&
                           key_valid.size(1) > slot && key_valid.stride(1) == 1),
               "llama_block_decode: key_valid must be bool (B, > slot)");
-  float* px = x.data_ptr<float>();
   const int64_t row_stride = k_cache.stride(0), head_stride = k_cache.stride(1);  // slot stride is D
-  const int64_t qkv_width = (H + 2 * KV) * D;
-  // the block's intermediate rows, in one buffer kept from call to call (see scratch)
-  float* const h = scratch(B * (d + qkv_width + H * D + 2 * F + d + F));
-  float *const qkv = h + B * d, *const att = qkv + B * qkv_width, *const up = att + B * H * D, *const out = up + B * 2 * F,
-               *const act = out + B * d;
-
-  // attention: norm, Q/K/V, RoPE on Q and K, K and V into the cache, softmax(q k^T / sqrt(D)) v
-  // over slots [0, slot]
-  rms_norm(px, attn_norm.data_ptr<float>(), eps, B, d, h);
-  wqkv.apply(h, B, qkv);
-  const float *pcos = cos.data_ptr<float>(), *psin = sin.data_ptr<float>();
-  for_rows(B, [&](int64_t b) {
-    float* row = qkv + b * qkv_width;
-    for (int64_t head = 0; head < H + KV; ++head) rotate(row + head * D, pcos + b * D, psin + b * D, D, adjacent);
-  });
   const bool* valid = masked ? key_valid.data_ptr<bool>() : nullptr;
   const int64_t valid_stride = masked ? key_valid.stride(0) : 0;
-  if (codes) {
-    cache_and_attend(qkv, B, H, KV, D, k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>(),
-                     k_scale.data_ptr<float>(), v_scale.data_ptr<float>(), row_stride, head_stride, slot, valid,
-                     valid_stride, att);
-  } else if (kind == torch::kHalf) {
-    cache_and_attend(qkv, B, H, KV, D, k_cache.data_ptr<c10::Half>(), v_cache.data_ptr<c10::Half>(), nullptr,
-                     nullptr, row_stride, head_stride, slot, valid, valid_stride, att);
-  } else {
-    cache_and_attend(qkv, B, H, KV, D, k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), nullptr, nullptr,
-                     row_stride, head_stride, slot, valid, valid_stride, att);
-  }
-  wo.apply(att, B, out);
-  for (int64_t i = 0; i < B * d; ++i) px[i] += out[i];
+  // K and V into the cache at `slot`, then softmax(q k^T / sqrt(D)) v over slots [0, slot]
+  const auto attend = [&](const float* qkv, float* att) {
+    if (codes)
+      cache_and_attend(qkv, B, H, KV, D, k_cache.data_ptr<int8_t>(), v_cache.data_ptr<int8_t>(),
+                       k_scale.data_ptr<float>(), v_scale.data_ptr<float>(), row_stride, head_stride, slot, valid,
+                       valid_stride, att);
+    else if (kind == torch::kHalf)
+      cache_and_attend(qkv, B, H, KV, D, k_cache.data_ptr<c10::Half>(), v_cache.data_ptr<c10::Half>(), nullptr,
+                       nullptr, row_stride, head_stride, slot, valid, valid_stride, att);
+    else
+      cache_and_attend(qkv, B, H, KV, D, k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), nullptr, nullptr,
+                       row_stride, head_stride, slot, valid, valid_stride, att);
+  };
+  run_block(x.data_ptr<float>(), B, d, attn_norm.data_ptr<float>(), ffn_norm.data_ptr<float>(), eps, wqkv, wo, w13,
+            w2, H, KV, D, F, cos.data_ptr<float>(), sin.data_ptr<float>(), adjacent, attend);
+}
 
-  // MLP: norm, [gate; up], silu(gate) * up, down
-  rms_norm(px, ffn_norm.data_ptr<float>(), eps, B, d, h);
-  w13.apply(h, B, up);
-  swiglu(up, B, F, act);
-  w2.apply(act, B, out);
-  for (int64_t i = 0; i < B * d; ++i) px[i] += out[i];
+// The same block for one new token per request of the serving engine (serve/runner.py),
+// keys and values in its paged pool: request b's new key and value go to pool row
+// new_rows[b], then it attends over pool rows rows[b][0 .. lengths[b] - 1], the last of which
+// is new_rows[b] (paged_attention.cpp).
+//   k_pool, v_pool: (KV, pool rows, D), float32, float16 or int8 with k_scale, v_scale
+//   (KV, pool rows, D / 32) (empty for a float pool); new_rows (B,), rows (B, L), lengths (B,):
+//   int64; the rest as for llama_block_decode.
+void llama_block_decode_paged(torch::Tensor x, const torch::Tensor& attn_norm, const torch::Tensor& ffn_norm,
+                              double eps, const std::vector<torch::Tensor>& wqkv_parts,
+                              const std::vector<torch::Tensor>& wo_parts, const std::vector<torch::Tensor>& w13_parts,
+                              const std::vector<torch::Tensor>& w2_parts, torch::Tensor k_pool, torch::Tensor v_pool,
+                              torch::Tensor k_scale, torch::Tensor v_scale, const torch::Tensor& new_rows,
+                              const torch::Tensor& rows, const torch::Tensor& lengths, const torch::Tensor& cos,
+                              const torch::Tensor& sin, int64_t n_heads, bool adjacent) {
+  const char* op = "llama_block_decode_paged";
+  const std::initializer_list<const torch::Tensor*> all = {&x, &attn_norm, &ffn_norm, &cos, &sin};
+  for (const torch::Tensor* t : all) check_float_cpu(*t, "llama_block_decode_paged: every tensor");
+  TORCH_CHECK(x.dim() == 2 && cos.dim() == 2 && cos.size(0) == x.size(0) && sin.sizes() == cos.sizes() &&
+                  attn_norm.numel() == x.size(1) && ffn_norm.numel() == x.size(1),
+              "llama_block_decode_paged: inconsistent shapes");
+  const int64_t B = x.size(0), d = x.size(1), H = n_heads, D = cos.size(1);
+  dojo::check_pool(k_pool, v_pool, k_scale, v_scale, H, D, op);
+  const int64_t KV = k_pool.size(0), R = k_pool.size(1);
+  dojo::check_tables(rows, lengths, B, R, op);
+  TORCH_CHECK(new_rows.scalar_type() == torch::kLong && new_rows.is_cpu() && new_rows.is_contiguous() &&
+                  new_rows.dim() == 1 && new_rows.size(0) == B,
+              "llama_block_decode_paged: new_rows must be int64 (requests,) on the CPU");
+  const int64_t *pnew = new_rows.data_ptr<int64_t>(), *prows = rows.data_ptr<int64_t>(),
+                *plen = lengths.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    // each request writes its own row, the one it then reads as its newest: two requests
+    // writing one row would race, and a row not read would leave the step without its token
+    TORCH_CHECK(pnew[b] == prows[b * rows.size(1) + plen[b] - 1], "llama_block_decode_paged: request ", b,
+                " writes pool row ", pnew[b], " but its last slot is row ", prows[b * rows.size(1) + plen[b] - 1]);
+    for (int64_t c = 0; c < b; ++c)
+      TORCH_CHECK(pnew[c] != pnew[b], "llama_block_decode_paged: requests ", c, " and ", b, " both write pool row ",
+                  pnew[b]);
+  }
+  TORCH_CHECK(w2_parts.size() == 1 || w2_parts.size() == 3, op, ": a weight is [packed] or [codes, d, m]");
+  const int64_t F = w2_parts.size() == 1 ? w2_parts[0].size(1) : w2_parts[0].size(1) * dojo::kQBlock;
+  const Weight wqkv(wqkv_parts, d, (H + 2 * KV) * D), wo(wo_parts, H * D, d), w13(w13_parts, d, 2 * F),
+      w2(w2_parts, F, d);
+  const auto kind = k_pool.scalar_type();
+  const auto attend = [&](const float* qkv, float* att) {
+    if (kind == torch::kChar)
+      store_rows(qkv, B, H, KV, R, D, k_pool.data_ptr<int8_t>(), v_pool.data_ptr<int8_t>(), k_scale.data_ptr<float>(),
+                 v_scale.data_ptr<float>(), pnew);
+    else if (kind == torch::kHalf)
+      store_rows(qkv, B, H, KV, R, D, k_pool.data_ptr<c10::Half>(), v_pool.data_ptr<c10::Half>(), nullptr, nullptr,
+                 pnew);
+    else
+      store_rows(qkv, B, H, KV, R, D, k_pool.data_ptr<float>(), v_pool.data_ptr<float>(), nullptr, nullptr, pnew);
+    dojo::attend_paged_any(qkv, (H + 2 * KV) * D, B, H, D, k_pool, v_pool, k_scale, v_scale, rows, lengths, att);
+  };
+  run_block(x.data_ptr<float>(), B, d, attn_norm.data_ptr<float>(), ffn_norm.data_ptr<float>(), eps, wqkv, wo, w13,
+            w2, H, KV, D, F, cos.data_ptr<float>(), sin.data_ptr<float>(), adjacent, attend);
 }
 
 // The index of the largest value of each row of logits (B, V), as torch.argmax gives it:
@@ -518,6 +602,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quant_linear", &quant_linear, "y = x @ W.T for a quantized W, with int8 activations per block of 32",
         pybind11::arg("x"), pybind11::arg("codes"), pybind11::arg("d"), pybind11::arg("m"), pybind11::arg("n_out"),
         pybind11::arg("simd") = true);
+  m.def("llama_block_decode_paged", &llama_block_decode_paged, "one Llama block for one new token per request, "
+        "keys and values in a paged pool, in place", pybind11::arg("x"), pybind11::arg("attn_norm"),
+        pybind11::arg("ffn_norm"), pybind11::arg("eps"), pybind11::arg("wqkv"), pybind11::arg("wo"),
+        pybind11::arg("w13"), pybind11::arg("w2"), pybind11::arg("k_pool"), pybind11::arg("v_pool"),
+        pybind11::arg("k_scale"), pybind11::arg("v_scale"), pybind11::arg("new_rows"), pybind11::arg("rows"),
+        pybind11::arg("lengths"), pybind11::arg("cos"), pybind11::arg("sin"), pybind11::arg("n_heads"),
+        pybind11::arg("adjacent"));
   m.def("paged_attention", &paged_attention, "attention of one new token per request over a paged KV pool, "
         "read in place through each request's pool rows", pybind11::arg("q"), pybind11::arg("k_pool"),
         pybind11::arg("v_pool"), pybind11::arg("k_scale"), pybind11::arg("v_scale"), pybind11::arg("rows"),

@@ -121,13 +121,14 @@ def format_comparison(results: dict[str, dict]) -> str:
 
 def time_decode_step(model, batch: int = 16, slots: int = 200, rounds: int = 7, block_size: int = 16) -> dict:
     """One step of `PagedRunner.forward_step` in which `batch` requests decode one token each
-    after slots - 1 earlier ones, the pool read in place and gathered in alternating rounds.
-    The pools hold random keys and values (a step's time does not depend on them), so no
-    prompt is run first. Returns {"in_place": median seconds, or None where the compiled
-    paged attention does not apply (with "why"), "gathered": median seconds}."""
+    after slots - 1 earlier ones, down each of the runner's decode paths in alternating rounds
+    ("gathered", "in_place", "fused": `PagedRunner.decode_path`). The pools hold random keys
+    and values (a step's time does not depend on them), so no prompt is run first. Returns
+    {path: median seconds, or None where the compiled path does not apply}, and "why" for the
+    first path that does not."""
     from .runner import PagedRunner
 
-    cpu_kernels.kernels()  # loads them where built (never builds): the in-place read needs them
+    cpu_kernels.kernels()  # loads them where built (never builds): the compiled paths need them
     if batch < 1 or not 2 <= slots <= model.config.max_seq_len:
         raise DojoError(f"--batch must be >= 1 and --slots 2 to the model's context ({model.config.max_seq_len}); "
                         f"got {batch} and {slots}")
@@ -136,24 +137,30 @@ def time_decode_step(model, batch: int = 16, slots: int = 200, rounds: int = 7, 
     with torch.inference_mode():
         everything = torch.arange(batch * per_request * block_size)
         for pool in runner.pools:
-            shape = (len(everything), *pool.k.shape[1:])
+            shape = (len(everything), pool.k.shape[0], pool.k.shape[2])  # (rows, KV, D)
             pool.write(everything, torch.randn(shape), torch.randn(shape))
+        paths, why = ["gathered"], None  # the paths this model and pool can take, slowest first
+        if cpu_kernels._loaded is None:
+            why = f"the compiled kernels are {cpu_kernels.unavailable()}"
+        elif not runner.pools[0].compiled() or model.tok_embeddings.weight.dtype != torch.float32:
+            why = "the compiled attention reads float32 activations and a float32, float16 or int8 pool"
+        elif runner._fused_plan() is None:
+            paths.append("in_place")
+            why = ("the fused block computes the engine's own float32 Llama blocks, unhooked, with packed or "
+                   "repacked weights (fused_decode.applies), and this model's are not")
+        else:
+            paths += ["in_place", "fused"]
     chunks = [([7], slots - 1, list(range(b * per_request, (b + 1) * per_request)), True) for b in range(batch)]
-    modes = {"gathered": False}
-    if runner.pools[0].compiled() and model.tok_embeddings.weight.dtype == torch.float32:
-        modes["in_place"] = True
-    times = {mode: [] for mode in modes}
+    times = {path: [] for path in paths}
     for _ in range(rounds + 1):  # the first round warms up
-        for mode, in_place in modes.items():
-            runner.read_in_place = in_place
+        for path in paths:
+            runner.decode_path = path
             t0 = time.perf_counter()
             runner.forward_step(chunks)
-            times[mode].append(time.perf_counter() - t0)
-    result = {mode: statistics.median(t[1:]) for mode, t in times.items()}
-    if "in_place" not in result:
-        result["in_place"] = None
-        result["why"] = (f"the compiled kernels are {cpu_kernels.unavailable()}" if cpu_kernels._loaded is None
-                         else f"the compiled paged attention does not read a {runner.pools[0].k.dtype} pool")
+            times[path].append(time.perf_counter() - t0)
+    result = {path: statistics.median(times[path][1:]) if path in times else None for path in PagedRunner.DECODE_PATHS}
+    if why:
+        result["why"] = why
     return result
 
 
@@ -161,10 +168,13 @@ def format_step(result: dict, batch: int, slots: int, weights: str, pool: str) -
     requests = f"{batch} request{'s' * (batch != 1)}"
     gathered = result["gathered"]
     lines = [f"serving decode step, {weights} weights, {pool} pool, {requests} at {slots} slots (median of "
-             "alternating rounds):", f"  pool gathered, then the model's attention     {gathered * 1e3:8.2f} ms"]
-    if result["in_place"] is None:
-        lines.append(f"  pool read in place                            not available: {result['why']}")
-    else:
-        lines.append(f"  pool read in place (compiled paged attention) {result['in_place'] * 1e3:8.2f} ms "
-                     f"({gathered / result['in_place']:.2f}x faster)")
+             "alternating rounds):"]
+    for path, what in [("gathered", "pool gathered, modules"), ("in_place", "pool read in place, modules"),
+                       ("fused", "pool read in place, fused blocks")]:
+        t = result[path]
+        if t is None:
+            lines.append(f"  {what:<34} not available: {result['why']}")
+            break
+        lines.append(f"  {what:<34} {t * 1e3:8.2f} ms" + (f"  ({gathered / t:.2f}x faster)" if path != "gathered"
+                                                          else ""))
     return "\n".join(lines)

@@ -16,7 +16,8 @@ to end, one row of N tokens:
     attends to its own keys causally. Gathering costs a copy per layer; where the compiled
     kernels are built, the decoding requests' attention reads the pool in place instead
     (`paged_attention`, csrc/paged_attention.cpp), for float32 activations and a float32,
-    float16 or int8 pool with the model's own attention function.
+    float16 or int8 pool with the model's own attention function, and a step in which
+    every request decodes runs each block as one compiled call (`PagedRunner`).
 
 The result is the logits of the last token of each chunk that samples (`Step.samples`).
 The rows never mix: in float64 each request's greedy output is exactly what it gets alone
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import cpu_kernels
+from .. import cpu_kernels, fused_decode
 from ..attention import ATTENTION_IMPLS
 from ..errors import DojoError
 from ..kv_cache import dequantize_kv, int8_scale_shape, quantize_kv
@@ -35,33 +36,34 @@ from ..model import Transformer
 
 
 def gather(pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """pool[slots]: rows of the pool (S, KV, D) at slots of any shape -> (*slots.shape, KV, D).
-    index_select on a 2-D view is the same copy as pool[slots], about 3x faster here."""
-    rows = pool.view(pool.shape[0], -1).index_select(0, slots.reshape(-1))
-    return rows.view(*slots.shape, *pool.shape[1:])
+    """Rows of a pool (KV, S, D) at slots of any shape -> (*slots.shape, KV, D)."""
+    rows = pool.index_select(1, slots.reshape(-1))  # (KV, n, D)
+    return rows.view(pool.shape[0], *slots.shape, pool.shape[2]).movedim(0, -2)
 
 
 class LayerPool:
-    """One layer's keys and values for every pool row, (rows, n_kv_heads, head_dim) each, stored
-    in the model's KV dtype (`Transformer.set_kv_dtype`): as they are, rounded to 16 bits, or
-    as int8 codes with a float32 scale per 32 values (`kv_cache.quantize_kv`, the static
-    cache's arithmetic). Read back in the weights' dtype, as the static caches are."""
+    """One layer's keys and values for every pool row, head by head: (n_kv_heads, rows,
+    head_dim) each, so that a request's rows of one head lie D values apart as in the static
+    cache (csrc/paged_attention.cpp says what that is worth). Stored in the model's KV dtype
+    (`Transformer.set_kv_dtype`): as they are, rounded to 16 bits, or as int8 codes with a
+    float32 scale per 32 values (`kv_cache.quantize_kv`, the static cache's arithmetic). Read
+    back in the weights' dtype, as the static caches are."""
 
     def __init__(self, rows: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype, device):
         self.codes = dtype == torch.int8
-        scales = int8_scale_shape(rows, n_kv_heads, head_dim=head_dim) if self.codes else (0,)
-        self.k, self.v = (torch.zeros(rows, n_kv_heads, head_dim, dtype=dtype, device=device) for _ in "kv")
+        scales = int8_scale_shape(n_kv_heads, rows, head_dim=head_dim) if self.codes else (0,)
+        self.k, self.v = (torch.zeros(n_kv_heads, rows, head_dim, dtype=dtype, device=device) for _ in "kv")
         self.k_scale, self.v_scale = (torch.zeros(scales, device=device) for _ in "kv")
 
     def write(self, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Keys and values (N, KV, D) of N new tokens into pool rows `rows` (N,)."""
         for pool, scale, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
             if self.codes:
-                codes, s = quantize_kv(x)
-                pool.index_copy_(0, rows, codes)
-                scale.index_copy_(0, rows, s)
+                codes, s = quantize_kv(x)  # (N, KV, D), (N, KV, D / 32)
+                pool.index_copy_(1, rows, codes.transpose(0, 1))
+                scale.index_copy_(1, rows, s.transpose(0, 1))
             else:
-                pool.index_copy_(0, rows, x.to(pool.dtype))
+                pool.index_copy_(1, rows, x.transpose(0, 1).to(pool.dtype))
 
     def read(self, slots: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values at pool rows `slots` (any shape), (*slots.shape, KV, D) in `dtype`."""
@@ -79,16 +81,28 @@ class LayerPool:
 
     @property
     def bytes_per_row(self) -> int:
-        return sum(t[0].numel() * t.element_size() for t in (self.k, self.v, self.k_scale, self.v_scale) if t.numel())
+        """Bytes of one pool row: its keys and values in every head (and an int8 pool's scales)."""
+        return sum(t[:, 0].numel() * t.element_size() for t in (self.k, self.v, self.k_scale, self.v_scale)
+                   if t.numel())
 
 
 class PagedRunner:
     """The KV pool of every layer (`LayerPool`, n_blocks * block_size rows each) and the
-    forward that reads and writes it. `read_in_place = False` gathers the decoding requests'
-    keys and values even where the compiled paged attention applies (the readable path, and
-    the baseline `bench-serve --step` measures it against)."""
+    forward that reads and writes it. Where the compiled kernels apply, a decoding request
+    goes the fastest of three ways, and `decode_path` can hold it to a slower one (what
+    `bench-serve --step` compares, side by side):
 
-    read_in_place = True
+      "fused":    a step in which every request decodes one token (continuous batching's
+                  steady state) runs each block as one compiled call that writes and reads
+                  the pool through each request's rows (`llama_block_decode_paged`, the math
+                  of chapter 3's fused block); other steps run as below;
+      "in_place": the blocks run as modules; the decoding requests' attention reads the
+                  pool in place (`paged_attention`);
+      "gathered": the readable path of the module docstring, nothing compiled but what the
+                  modules themselves call."""
+
+    DECODE_PATHS = ("fused", "in_place", "gathered")
+    decode_path = "fused"
 
     def __init__(self, model: Transformer, n_blocks: int, block_size: int):
         c = model.config
@@ -116,6 +130,8 @@ class PagedRunner:
     def forward_step(self, chunks: list[tuple[list[int], int, list[int], bool]]) -> torch.Tensor:
         """chunks: (token ids, position of the first, block table, sample?) per request.
         Returns float32 logits (number of chunks that sample, vocab), in chunk order."""
+        if self.decode_path not in self.DECODE_PATHS:
+            raise DojoError(f"decode_path must be one of {', '.join(self.DECODE_PATHS)}, not {self.decode_path!r}")
         model = self.model
         device = model.tok_embeddings.weight.device
         ids = torch.tensor([t for tokens, *_ in chunks for t in tokens], device=device)[None]  # (1, N)
@@ -123,6 +139,10 @@ class PagedRunner:
         positions = torch.tensor([p for span in spans for p in span], device=device)[None]  # (1, N)
         new_slots = torch.cat([self.slots(c[2], span) for c, span in zip(chunks, spans)]).to(device)  # (N,)
         plan = self._attention_plan(chunks, spans, device)
+        decode, prompts = plan
+        blocks = self._fused_plan() if decode is not None and not prompts else None
+        if blocks is not None:
+            return self._fused_decode(blocks, chunks, new_slots, decode)
         x, rope, _ = model.embed(ids, 0, positions, None)  # (1, N, d_model); RoPE at each token's position
         for i, layer in enumerate(model.layers):
             h = layer.attn_norm(x)
@@ -130,6 +150,34 @@ class PagedRunner:
             x = x + layer.mlp(layer.ffn_norm(x))
         ends = [sum(len(c[0]) for c in chunks[: j + 1]) - 1 for j, c in enumerate(chunks) if c[3]]
         return model.head(model.norm(x[:, ends]))[0]  # (n sampled, vocab)
+
+    def _fused_plan(self) -> fused_decode.Plan | None:
+        """The compiled blocks' arguments (`fused_decode.Plan` without a static cache) where a
+        step of decodes may run fused: the model qualifies (`fused_decode.applies`: its own
+        modules, unhooked, weights packed and unedited, float32 on the CPU) and the compiled
+        attention reads the pool."""
+        if self.decode_path != "fused" or not self.pools[0].compiled():
+            return None
+        return fused_decode.plan_for(self.model, cache=False)
+
+    def _fused_decode(self, blocks: fused_decode.Plan, chunks, new_slots: torch.Tensor, decode) -> torch.Tensor:
+        """The step when every chunk is one decoding token: x (B, d_model) through one compiled
+        call per block, each request's key and value written to its pool row and its
+        attention read from its own rows; then the final norm and the head, as in
+        `forward_step`."""
+        model, kernels = self.model, cpu_kernels._loaded
+        _, rows, _, lengths = decode
+        ids = torch.tensor([tokens[0] for tokens, *_ in chunks])
+        positions = torch.tensor([start for _, start, *_ in chunks])
+        x = model.tok_embeddings(ids).contiguous()  # (B, d_model), updated in place
+        cos, sin = model.rope_cos[positions].contiguous(), model.rope_sin[positions].contiguous()  # (B, head_dim)
+        for (attn_norm, ffn_norm, eps, wqkv, wo, w13, w2, _, _, n_heads, adjacent, _, _), pool in zip(blocks.blocks,
+                                                                                                       self.pools):
+            kernels.llama_block_decode_paged(x, attn_norm, ffn_norm, eps, wqkv, wo, w13, w2, pool.k, pool.v,
+                                             pool.k_scale, pool.v_scale, new_slots, rows, lengths, cos, sin, n_heads,
+                                             adjacent)
+        sampled = [j for j, c in enumerate(chunks) if c[3]]
+        return model.head(model.norm(x[sampled][None]))[0]  # (n sampled, vocab)
 
     def _attention_plan(self, chunks, spans, device) -> tuple:
         """Which tokens attend to which pool rows, worked out once for all layers:
@@ -142,14 +190,17 @@ class PagedRunner:
         decodes = [j for j, c in enumerate(chunks) if len(c[0]) == 1]
         decode = None
         if decodes:
-            keys = [self.slots(chunks[j][2], range(spans[j].stop)) for j in decodes]
-            L = max(len(k) for k in keys)
-            slots = torch.zeros(len(keys), L, dtype=torch.long)  # (B, L): padding reads row 0, masked out
-            valid = torch.zeros(len(keys), L, dtype=torch.bool)
-            for b, k in enumerate(keys):
-                slots[b, : len(k)], valid[b, : len(k)] = k, True
+            # every slot of every decoding request at once, as `slots` finds them one by one (per
+            # request and position in Python, that took 0.6 ms of an 8 ms step at batch 16 over
+            # 200 slots): row = table[pos // bs] * bs + pos % bs for pos < its length
+            bs, lengths = self.block_size, torch.tensor([spans[j].stop for j in decodes])  # (B,)
+            L = int(lengths.max())
+            n_blocks = -(-L // bs)
+            tables = torch.tensor([(chunks[j][2] + [0] * n_blocks)[:n_blocks] for j in decodes])  # (B, n_blocks)
+            slots = (tables[:, :, None] * bs + torch.arange(bs)).view(len(decodes), -1)[:, :L]  # (B, L)
+            valid = torch.arange(L) < lengths[:, None]  # (B, L)
+            slots = slots.masked_fill(~valid, 0)  # padding reads row 0, masked out
             mask = None if bool(valid.all()) else valid[:, None, None, :].to(device)
-            lengths = torch.tensor([len(k) for k in keys])
             decode = (torch.tensor([offsets[j] for j in decodes], device=device), slots.to(device), mask, lengths)
         prompts = []
         for j, (tokens, start, table, _) in enumerate(chunks):
@@ -175,7 +226,7 @@ class PagedRunner:
         decode, prompts = plan
         if decode is not None:
             rows, slots, mask, lengths = decode
-            if (self.read_in_place and q.dtype == torch.float32 and pool.compiled()
+            if (self.decode_path != "gathered" and q.dtype == torch.float32 and pool.compiled()
                     and attn.attend is ATTENTION_IMPLS[self.model.config.attn_impl]):
                 # the same softmax(q k^T / sqrt(D)) v, each request's rows read where they are
                 y[rows] = cpu_kernels._loaded.paged_attention(q[rows].contiguous(), pool.k, pool.v, pool.k_scale,
