@@ -1,6 +1,8 @@
-"""Serving's compiled paged attention: each decoding request's keys and values read where
-they lie in the pool (`paged_attention`) give the attention the readable runner computes on
-a gathered copy, for every pool dtype it reads; bad tables are refused, not read."""
+"""Serving's compiled decode paths (`serve/runner.py`): the paged attention reads each
+decoding request's keys and values where they lie in the pool and gives the attention of a
+gathered copy, for every pool dtype it reads; the fused block over the pool gives the
+modules' logits; both run only where they compute what the modules would, bad tables are
+refused, not read, and `bench-serve --step` times the three paths side by side."""
 
 import json
 import random
@@ -30,9 +32,9 @@ def scattered_pool(dtype, rows, KV, D, seed=0) -> LayerPool:
 
 
 def tables(lengths, rows, seed=0) -> torch.Tensor:
-    """(requests, max length) pool rows: each request's slots scattered over the pool, rows
-    shared between requests (a prefix two requests share); the padding past a length is -1,
-    which the kernel must never read."""
+    """(requests, max length) pool rows: each request's slots at random rows of the pool (two
+    requests may read the same row, as a shared prefix would); the padding past a length is
+    -1, which the kernel must never read."""
     rng = random.Random(seed)
     out = torch.full((len(lengths), max(lengths)), -1, dtype=torch.long)
     for b, n in enumerate(lengths):

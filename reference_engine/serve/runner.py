@@ -171,8 +171,8 @@ class PagedRunner:
         positions = torch.tensor([start for _, start, *_ in chunks])
         x = model.tok_embeddings(ids).contiguous()  # (B, d_model), updated in place
         cos, sin = model.rope_cos[positions].contiguous(), model.rope_sin[positions].contiguous()  # (B, head_dim)
-        for (attn_norm, ffn_norm, eps, wqkv, wo, w13, w2, _, _, n_heads, adjacent, _, _), pool in zip(blocks.blocks,
-                                                                                                       self.pools):
+        for block, pool in zip(blocks.blocks, self.pools):
+            attn_norm, ffn_norm, eps, wqkv, wo, w13, w2, _, _, n_heads, adjacent, _, _ = block  # (no static cache)
             kernels.llama_block_decode_paged(x, attn_norm, ffn_norm, eps, wqkv, wo, w13, w2, pool.k, pool.v,
                                              pool.k_scale, pool.v_scale, new_slots, rows, lengths, cos, sin, n_heads,
                                              adjacent)
@@ -181,8 +181,9 @@ class PagedRunner:
 
     def _attention_plan(self, chunks, spans, device) -> tuple:
         """Which tokens attend to which pool rows, worked out once for all layers:
-        (decode token indices, their key slots (B, L) padded, mask (B, 1, 1, L)) and, per
-        prompt chunk, (its token indices, its key slots, mask or None when plain causal)."""
+        (decode token indices, their key slots (B, L) padded, mask (B, 1, 1, L) or None,
+        lengths (B,)) and, per prompt chunk, (its token indices, its key slots, mask or None
+        when plain causal)."""
         offsets, n = [], 0
         for tokens, *_ in chunks:
             offsets.append(n)
