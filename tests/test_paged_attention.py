@@ -294,3 +294,18 @@ def test_bench_serve_passes_the_model_options_to_every_server(monkeypatch):
     with pytest.raises(Started) as started:
         main(["bench-serve", "--threads", "1", "--model", "m.gguf", "--quantize", "q4_1", "--kv-dtype", "int8"])
     assert started.value.args[0] == ["--threads", "1", "--model", "m.gguf", "--quantize", "q4_1", "--kv-dtype", "int8"]
+
+
+def test_bench_serve_step_says_which_path_a_model_cannot_take(kernels):
+    from reference_engine.serve.bench import format_step, time_decode_step
+
+    model = random_model("tiny", seed=2, head_dim=32).float()  # weights not packed: no fused block
+    result = time_decode_step(model, batch=2, slots=12, rounds=1)
+    assert result["gathered"] > 0 and result["in_place"] > 0 and result["fused"] is None
+    assert "fused_decode.applies" in result["why"]
+    assert "fused blocks" in format_step(result, 2, 12, "float32", "float32").splitlines()[-1]
+    model.set_kv_dtype("bfloat16")
+    result = time_decode_step(model, batch=2, slots=12, rounds=1)
+    assert result["in_place"] is None and result["fused"] is None
+    report = format_step(result, 2, 12, "float32", "bfloat16")
+    assert "not available: the compiled attention reads float32 activations and a float32, float16" in report

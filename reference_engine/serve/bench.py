@@ -26,6 +26,7 @@ from .. import cpu_kernels
 from ..errors import DojoError
 from ..parallel.launch import free_port  # noqa: F401 (also what the tests pick ports with)
 from .loadtest import run_load, summarize, workload
+from .runner import PagedRunner
 from .scheduler import POLICIES
 
 
@@ -126,8 +127,6 @@ def time_decode_step(model, batch: int = 16, slots: int = 200, rounds: int = 7, 
     and values (a step's time does not depend on them), so no prompt is run first. Returns
     {path: median seconds, or None where the compiled path does not apply}, and "why" for the
     first path that does not."""
-    from .runner import PagedRunner
-
     cpu_kernels.kernels()  # loads them where built (never builds): the compiled paths need them
     if batch < 1 or not 2 <= slots <= model.config.max_seq_len:
         raise DojoError(f"--batch must be >= 1 and --slots 2 to the model's context ({model.config.max_seq_len}); "
