@@ -63,8 +63,9 @@ def add_commands(sub) -> None:
     bs.add_argument("--model", metavar="PATH", help="GGUF file, for every server and --step (default: SmolLM2)")
     with_kv_dtype(with_quantize(bs))  # passed on to every server, and used by --step
     bs.add_argument("--step", action="store_true",
-                    help="instead of servers: time one decoding step of the serving forward in this process, the "
-                         "paged pool read in place by the compiled attention against gathered, side by side")
+                    help="instead of servers: time one decoding step of the serving forward in this process, "
+                         "down its three paths side by side (the pool gathered; read in place by the compiled "
+                         "attention; and the blocks fused as well)")
     bs.add_argument("--batch", type=int, default=16, metavar="N", help="--step: requests decoding (default 16)")
     bs.add_argument("--slots", type=int, default=200, metavar="N",
                     help="--step: each request's slots, its own token included (default 200)")
