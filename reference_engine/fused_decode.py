@@ -13,7 +13,8 @@ built; the model is a float32 Llama-family model on the CPU, with heads a multip
 floats wide (the compiled attention's vectors) and a float32, float16 or int8 cache; the weights are the ones
 packed (not edited since), float32 or quantized (`QuantizedLinear` with its codes repacked
 for the integer matmul, `compression/kernel_layout.py`); and nothing was swapped in: every block, attention, MLP and norm
-is the engine's own class with no hooks, attention is the configured implementation, the
+is the engine's own class with no hooks, attention is the configured implementation (RoPE
+and the norms PyTorch's own, not functions set in their place), the
 cache is the engine's static `KVCache` or its `Int8KVCache`. A learner's attention function, cache class or
 forward hook therefore always runs. No gradients flow through it, so it is also skipped
 while autograd records.
@@ -30,6 +31,7 @@ from . import model as m
 from .attention import ATTENTION_IMPLS
 from .compression.qlinear import QuantizedLinear
 from .kv_cache import Int8KVCache, KVCache
+from .positional import apply_rope
 
 _NONE = torch.empty(0)  # the scales passed for a float cache (only an int8 cache has them)
 _OWN_MODULES = {"attn_norm": "RMSNorm", "attn": "Attention", "ffn_norm": "RMSNorm", "mlp": "MLP"}
@@ -44,6 +46,8 @@ def applies(model: "m.Transformer", cache: bool = True) -> bool:
         return False
     if (c.norm, c.pos_encoding, c.mlp, c.bias) != ("rmsnorm", "rope", "swiglu", False) or c.head_dim % 16:
         return False  # (the compiled attention works on heads of 16-float vectors)
+    if c.head_dim > 512:
+        return False  # (and keeps a rotated head on the stack)
     if model.tok_embeddings.weight.dtype != torch.float32 or model.tok_embeddings.weight.device.type != "cpu":
         return False
     attend = ATTENTION_IMPLS[c.attn_impl]
@@ -66,8 +70,10 @@ def _own_block(layer, attend, cache: bool) -> bool:
         if type(part) is not getattr(m, cls) or _hooked(part):
             return False
     attn, mlp = layer.attn, layer.mlp
-    if attn.attend is not attend:
+    if attn.attend is not attend or attn.rotate is not apply_rope:
         return False
+    if layer.attn_norm.fused is not None or layer.ffn_norm.fused is not None:
+        return False  # (a norm given its own function, `set_kernels`: it must run)
     if cache and (type(attn.kv_cache) not in (KVCache, Int8KVCache)
                   or attn.kv_cache.k_cache.dtype not in (torch.float32, torch.float16, torch.int8)):
         return False  # (the dtypes the compiled attention reads)
@@ -100,6 +106,8 @@ class Plan:
             attn, mlp = layer.attn, layer.mlp
             linears = (attn.wqkv, attn.wo, mlp.w13, mlp.w2)
             self.watch += [(model.layers._modules, str(i), layer), (attn.__dict__, "attend", attn.attend),
+                           (attn.__dict__, "rotate", attn.rotate),
+                           *((norm.__dict__, "fused", None) for norm in (layer.attn_norm, layer.ffn_norm)),
                            (mlp._modules, "w13", mlp.w13), (mlp._modules, "w2", mlp.w2),
                            (attn._modules, "wqkv", attn.wqkv), (attn._modules, "wo", attn.wo)]
             self.watch += [(layer._modules, name, getattr(layer, name)) for name in _OWN_MODULES]

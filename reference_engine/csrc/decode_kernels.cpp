@@ -78,16 +78,18 @@ struct Weight {
   const std::vector<torch::Tensor>& parts;
   int64_t n_in, n_out;
 
-  Weight(const std::vector<torch::Tensor>& p, int64_t in, int64_t out) : parts(p), n_in(in), n_out(out) {
+  // op: the calling op's name, for the messages
+  Weight(const std::vector<torch::Tensor>& p, int64_t in, int64_t out, const char* op)
+      : parts(p), n_in(in), n_out(out) {
     if (parts.size() == 1) {
       const torch::Tensor& w = parts[0];
-      check_float_cpu(w, "llama_block_decode: a packed weight");
-      TORCH_CHECK(w.dim() == 3 && w.size(1) == n_in && w.size(0) * kLanes >= n_out,
-                  "llama_block_decode: a packed weight has shape ", w.sizes(), " for ", n_in, " inputs and ", n_out,
-                  " outputs");
+      TORCH_CHECK(w.scalar_type() == torch::kFloat && w.is_cpu() && w.is_contiguous(), op,
+                  ": a packed weight must be a contiguous float32 CPU tensor");
+      TORCH_CHECK(w.dim() == 3 && w.size(1) == n_in && w.size(0) * kLanes >= n_out, op, ": a packed weight has shape ",
+                  w.sizes(), " for ", n_in, " inputs and ", n_out, " outputs");
     } else {
-      TORCH_CHECK(parts.size() == 3, "llama_block_decode: a weight is [packed] or [codes, d, m]");
-      check_quantized(parts[0], parts[1], parts[2], n_in, n_out, "llama_block_decode");
+      TORCH_CHECK(parts.size() == 3, op, ": a weight is [packed] or [codes, d, m]");
+      check_quantized(parts[0], parts[1], parts[2], n_in, n_out, op);
     }
   }
 
@@ -343,8 +345,9 @@ void llama_block_decode(torch::Tensor x, const torch::Tensor& attn_norm, const t
   const int64_t H = n_heads;
   TORCH_CHECK(w2_parts.size() == 1 || w2_parts.size() == 3, "llama_block_decode: a weight is [packed] or [codes, d, m]");
   const int64_t F = w2_parts.size() == 1 ? w2_parts[0].size(1) : w2_parts[0].size(1) * dojo::kQBlock;
-  const Weight wqkv(wqkv_parts, d, (H + 2 * KV) * D), wo(wo_parts, H * D, d), w13(w13_parts, d, 2 * F),
-      w2(w2_parts, F, d);
+  const char* op = "llama_block_decode";
+  const Weight wqkv(wqkv_parts, d, (H + 2 * KV) * D, op), wo(wo_parts, H * D, d, op), w13(w13_parts, d, 2 * F, op),
+      w2(w2_parts, F, d, op);
   TORCH_CHECK(x.dim() == 2 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() && H % KV == 0 && D <= 512 &&
                   D % kLanes == 0 && slot < L && k_cache.size(0) >= B && cos.size(0) == B && cos.size(1) == D &&
                   sin.sizes() == cos.sizes() && attn_norm.numel() == d && ffn_norm.numel() == d,
@@ -413,8 +416,8 @@ void llama_block_decode_paged(torch::Tensor x, const torch::Tensor& attn_norm, c
   }
   TORCH_CHECK(w2_parts.size() == 1 || w2_parts.size() == 3, op, ": a weight is [packed] or [codes, d, m]");
   const int64_t F = w2_parts.size() == 1 ? w2_parts[0].size(1) : w2_parts[0].size(1) * dojo::kQBlock;
-  const Weight wqkv(wqkv_parts, d, (H + 2 * KV) * D), wo(wo_parts, H * D, d), w13(w13_parts, d, 2 * F),
-      w2(w2_parts, F, d);
+  const Weight wqkv(wqkv_parts, d, (H + 2 * KV) * D, op), wo(wo_parts, H * D, d, op), w13(w13_parts, d, 2 * F, op),
+      w2(w2_parts, F, d, op);
   const auto kind = k_pool.scalar_type();
   const auto attend = [&](const float* qkv, float* att) {
     if (kind == torch::kChar)

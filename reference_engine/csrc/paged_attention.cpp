@@ -110,7 +110,7 @@ void check_pool(const torch::Tensor& k_pool, const torch::Tensor& v_pool, const 
               op, ": the pools must be contiguous CPU tensors (KV heads, pool rows, head_dim) of one shape, both "
               "float32, float16 or int8");
   const int64_t KV = k_pool.size(0);
-  TORCH_CHECK(k_pool.size(2) == D && KV > 0 && H % KV == 0 && D % kLanes == 0 && D <= 512, op,
+  TORCH_CHECK(k_pool.size(2) == D && KV > 0 && H >= KV && H % KV == 0 && D % kLanes == 0 && D <= 512, op,
               ": the query heads must be a multiple of the pool's KV heads, with head_dim a multiple of 16 (at most "
               "512) in both");
   if (kind == torch::kChar)

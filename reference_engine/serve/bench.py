@@ -6,8 +6,9 @@ same tokens); the load generator runs in this process. Only the ratios between p
 measured side by side mean anything on a shared machine.
 
 `bench-serve --step` times one decoding step of the serving forward in this process
-instead (`time_decode_step`): the pool read in place by the compiled paged attention
-against the same step with the pool gathered, in alternating rounds.
+instead (`time_decode_step`), down each of its three paths in alternating rounds: the pool
+gathered, the pool read in place by the compiled paged attention, and the blocks fused as
+well (`PagedRunner.decode_path`).
 """
 
 from __future__ import annotations

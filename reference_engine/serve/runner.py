@@ -75,9 +75,11 @@ class LayerPool:
 
     def compiled(self) -> bool:
         """True where `paged_attention` reads this pool: a dtype the compiled attention reads
-        (bfloat16 has no loader there), on the CPU, with the kernels built and loaded."""
+        (bfloat16 has no loader there), heads of 16 to 512 values in steps of 16, on the CPU,
+        with the kernels built and loaded."""
         return (cpu_kernels._loaded is not None and self.k.device.type == "cpu"
-                and self.k.dtype in (torch.float32, torch.float16, torch.int8) and self.k.shape[2] % 16 == 0)
+                and self.k.dtype in (torch.float32, torch.float16, torch.int8) and self.k.shape[2] % 16 == 0
+                and self.k.shape[2] <= 512)
 
     @property
     def bytes_per_row(self) -> int:
