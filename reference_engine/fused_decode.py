@@ -178,14 +178,20 @@ def plan_for(model: "m.Transformer", cache: bool = True) -> Plan | None:
     return plan
 
 
+def step_inputs(model: "m.Transformer", ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """What the compiled blocks start from, for one new token per row: ids (B,), positions
+    (B,) -> the embeddings x (B, d_model), which the blocks update in place, and RoPE's cos
+    and sin at each row's position (B, head_dim). (Also the serving pool's fused step.)"""
+    x = model.tok_embeddings(ids).contiguous()
+    return x, model.rope_cos[positions].contiguous(), model.rope_sin[positions].contiguous()
+
+
 def forward(model: "m.Transformer", plan: Plan, input_ids: torch.Tensor, start: int, positions: torch.Tensor,
             key_valid: torch.Tensor | None) -> torch.Tensor:
     """input_ids (B, 1) into cache slot `start`; positions (B, 1); key_valid (B, >= start+1)
     bool or None. Returns float32 logits (B, 1, vocab)."""
     kernels = cpu_kernels._loaded
-    x = model.tok_embeddings(input_ids[:, 0]).contiguous()  # (B, d_model), updated in place
-    cos = model.rope_cos[positions[:, 0]].contiguous()  # (B, head_dim)
-    sin = model.rope_sin[positions[:, 0]].contiguous()
+    x, cos, sin = step_inputs(model, input_ids[:, 0], positions[:, 0])
     valid = (torch.empty(0, dtype=torch.bool) if key_valid is None
              else key_valid[:, : start + 1].contiguous())
     for (attn_norm, ffn_norm, eps, wqkv, wo, w13, w2, k_cache, v_cache, n_heads, adjacent, k_scale,

@@ -30,6 +30,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <string>
 #include <vector>
 
 namespace {
@@ -83,8 +84,7 @@ struct Weight {
       : parts(p), n_in(in), n_out(out) {
     if (parts.size() == 1) {
       const torch::Tensor& w = parts[0];
-      TORCH_CHECK(w.scalar_type() == torch::kFloat && w.is_cpu() && w.is_contiguous(), op,
-                  ": a packed weight must be a contiguous float32 CPU tensor");
+      check_float_cpu(w, (std::string(op) + ": a packed weight").c_str());
       TORCH_CHECK(w.dim() == 3 && w.size(1) == n_in && w.size(0) * kLanes >= n_out, op, ": a packed weight has shape ",
                   w.sizes(), " for ", n_in, " inputs and ", n_out, " outputs");
     } else {
@@ -107,6 +107,27 @@ struct Weight {
     dojo::quantize_rows(x, M, n_in, a.data(), dx.data(), sx.data());
     dojo::quant_matmul(a.data(), dx.data(), sx.data(), M, n_in, parts[0].data_ptr<uint8_t>(), parts[0].size(2),
                        scales_of(parts[1], parts[2]), parts[0].size(0), y, n_out);
+  }
+};
+
+// A block's four weights, checked against its shapes: d inputs, H query heads and KV key
+// and value heads of D, and the MLP's width F (read off w2: its inputs).
+struct BlockWeights {
+  int64_t F;
+  Weight wqkv, wo, w13, w2;
+
+  BlockWeights(const std::vector<torch::Tensor>& wqkv_parts, const std::vector<torch::Tensor>& wo_parts,
+               const std::vector<torch::Tensor>& w13_parts, const std::vector<torch::Tensor>& w2_parts, int64_t d,
+               int64_t H, int64_t KV, int64_t D, const char* op)
+      : F(mlp_width(w2_parts, op)),
+        wqkv(wqkv_parts, d, (H + 2 * KV) * D, op),
+        wo(wo_parts, H * D, d, op),
+        w13(w13_parts, d, 2 * F, op),
+        w2(w2_parts, F, d, op) {}
+
+  static int64_t mlp_width(const std::vector<torch::Tensor>& w2_parts, const char* op) {
+    TORCH_CHECK(w2_parts.size() == 1 || w2_parts.size() == 3, op, ": a weight is [packed] or [codes, d, m]");
+    return w2_parts.size() == 1 ? w2_parts[0].size(1) : w2_parts[0].size(1) * dojo::kQBlock;
   }
 };
 
@@ -262,28 +283,28 @@ void store_rows(const float* qkv, int64_t B, int64_t H, int64_t KV, int64_t R, i
 // projection and residual, then norm, [gate; up], silu(gate) * up, down and residual.
 template <typename Attend>
 void run_block(float* px, int64_t B, int64_t d, const float* attn_norm, const float* ffn_norm, float eps,
-               const Weight& wqkv, const Weight& wo, const Weight& w13, const Weight& w2, int64_t H, int64_t KV,
-               int64_t D, int64_t F, const float* pcos, const float* psin, bool adjacent, Attend attend) {
-  const int64_t qkv_width = (H + 2 * KV) * D;
+               const BlockWeights& w, int64_t H, int64_t KV, int64_t D, const float* pcos, const float* psin,
+               bool adjacent, Attend attend) {
+  const int64_t qkv_width = (H + 2 * KV) * D, F = w.F;
   // the block's intermediate rows, in one buffer kept from call to call (see scratch)
   float* const h = scratch(B * (d + qkv_width + H * D + 2 * F + d + F));
   float *const qkv = h + B * d, *const att = qkv + B * qkv_width, *const up = att + B * H * D, *const out = up + B * 2 * F,
                *const act = out + B * d;
 
   rms_norm(px, attn_norm, eps, B, d, h);
-  wqkv.apply(h, B, qkv);
+  w.wqkv.apply(h, B, qkv);
   for_rows(B, [&](int64_t b) {
     float* row = qkv + b * qkv_width;
     for (int64_t head = 0; head < H + KV; ++head) rotate(row + head * D, pcos + b * D, psin + b * D, D, adjacent);
   });
   attend(static_cast<const float*>(qkv), att);
-  wo.apply(att, B, out);
+  w.wo.apply(att, B, out);
   for (int64_t i = 0; i < B * d; ++i) px[i] += out[i];
 
   rms_norm(px, ffn_norm, eps, B, d, h);
-  w13.apply(h, B, up);
+  w.w13.apply(h, B, up);
   swiglu(up, B, F, act);
-  w2.apply(act, B, out);
+  w.w2.apply(act, B, out);
   for (int64_t i = 0; i < B * d; ++i) px[i] += out[i];
 }
 
@@ -343,11 +364,7 @@ void llama_block_decode(torch::Tensor x, const torch::Tensor& attn_norm, const t
                 "llama_block_decode: an int8 cache needs scales (batch, KV, slots, D / 32) for keys and values");
   }
   const int64_t H = n_heads;
-  TORCH_CHECK(w2_parts.size() == 1 || w2_parts.size() == 3, "llama_block_decode: a weight is [packed] or [codes, d, m]");
-  const int64_t F = w2_parts.size() == 1 ? w2_parts[0].size(1) : w2_parts[0].size(1) * dojo::kQBlock;
-  const char* op = "llama_block_decode";
-  const Weight wqkv(wqkv_parts, d, (H + 2 * KV) * D, op), wo(wo_parts, H * D, d, op), w13(w13_parts, d, 2 * F, op),
-      w2(w2_parts, F, d, op);
+  const BlockWeights w(wqkv_parts, wo_parts, w13_parts, w2_parts, d, H, KV, D, "llama_block_decode");
   TORCH_CHECK(x.dim() == 2 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() && H % KV == 0 && D <= 512 &&
                   D % kLanes == 0 && slot < L && k_cache.size(0) >= B && cos.size(0) == B && cos.size(1) == D &&
                   sin.sizes() == cos.sizes() && attn_norm.numel() == d && ffn_norm.numel() == d,
@@ -372,8 +389,8 @@ void llama_block_decode(torch::Tensor x, const torch::Tensor& attn_norm, const t
       cache_and_attend(qkv, B, H, KV, D, k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), nullptr, nullptr,
                        row_stride, head_stride, slot, valid, valid_stride, att);
   };
-  run_block(x.data_ptr<float>(), B, d, attn_norm.data_ptr<float>(), ffn_norm.data_ptr<float>(), eps, wqkv, wo, w13,
-            w2, H, KV, D, F, cos.data_ptr<float>(), sin.data_ptr<float>(), adjacent, attend);
+  run_block(x.data_ptr<float>(), B, d, attn_norm.data_ptr<float>(), ffn_norm.data_ptr<float>(), eps, w, H, KV, D,
+            cos.data_ptr<float>(), sin.data_ptr<float>(), adjacent, attend);
 }
 
 // The same block for one new token per request of the serving engine (serve/runner.py),
@@ -414,10 +431,7 @@ void llama_block_decode_paged(torch::Tensor x, const torch::Tensor& attn_norm, c
       TORCH_CHECK(pnew[c] != pnew[b], "llama_block_decode_paged: requests ", c, " and ", b, " both write pool row ",
                   pnew[b]);
   }
-  TORCH_CHECK(w2_parts.size() == 1 || w2_parts.size() == 3, op, ": a weight is [packed] or [codes, d, m]");
-  const int64_t F = w2_parts.size() == 1 ? w2_parts[0].size(1) : w2_parts[0].size(1) * dojo::kQBlock;
-  const Weight wqkv(wqkv_parts, d, (H + 2 * KV) * D, op), wo(wo_parts, H * D, d, op), w13(w13_parts, d, 2 * F, op),
-      w2(w2_parts, F, d, op);
+  const BlockWeights w(wqkv_parts, wo_parts, w13_parts, w2_parts, d, H, KV, D, op);
   const auto kind = k_pool.scalar_type();
   const auto attend = [&](const float* qkv, float* att) {
     if (kind == torch::kChar)
@@ -430,8 +444,8 @@ void llama_block_decode_paged(torch::Tensor x, const torch::Tensor& attn_norm, c
       store_rows(qkv, B, H, KV, R, D, k_pool.data_ptr<float>(), v_pool.data_ptr<float>(), nullptr, nullptr, pnew);
     dojo::attend_paged_any(qkv, (H + 2 * KV) * D, B, H, D, k_pool, v_pool, k_scale, v_scale, rows, lengths, att);
   };
-  run_block(x.data_ptr<float>(), B, d, attn_norm.data_ptr<float>(), ffn_norm.data_ptr<float>(), eps, wqkv, wo, w13,
-            w2, H, KV, D, F, cos.data_ptr<float>(), sin.data_ptr<float>(), adjacent, attend);
+  run_block(x.data_ptr<float>(), B, d, attn_norm.data_ptr<float>(), ffn_norm.data_ptr<float>(), eps, w, H, KV, D,
+            cos.data_ptr<float>(), sin.data_ptr<float>(), adjacent, attend);
 }
 
 // The index of the largest value of each row of logits (B, V), as torch.argmax gives it:

@@ -22,6 +22,7 @@ import tempfile
 import time
 
 import torch
+from tqdm import tqdm
 
 from .. import cpu_kernels
 from ..errors import DojoError
@@ -152,7 +153,7 @@ def time_decode_step(model, batch: int = 16, slots: int = 200, rounds: int = 7, 
             paths += ["in_place", "fused"]
     chunks = [([7], slots - 1, list(range(b * per_request, (b + 1) * per_request)), True) for b in range(batch)]
     times = {path: [] for path in paths}
-    for _ in range(rounds + 1):  # the first round warms up
+    for _ in tqdm(range(rounds + 1), desc="serving steps", unit="round", disable=None, leave=False):  # 1st: warm-up
         for path in paths:
             runner.decode_path = path
             t0 = time.perf_counter()

@@ -143,8 +143,8 @@ class PagedRunner:
         plan = self._attention_plan(chunks, spans, device)
         decode, prompts = plan
         blocks = self._fused_plan() if decode is not None and not prompts else None
-        if blocks is not None:
-            return self._fused_decode(blocks, chunks, new_slots, decode)
+        if blocks is not None:  # every chunk one token: ids and positions are (1, B)
+            return self._fused_decode(blocks, chunks, ids[0], positions[0], new_slots, decode)
         x, rope, _ = model.embed(ids, 0, positions, None)  # (1, N, d_model); RoPE at each token's position
         for i, layer in enumerate(model.layers):
             h = layer.attn_norm(x)
@@ -162,17 +162,15 @@ class PagedRunner:
             return None
         return fused_decode.plan_for(self.model, cache=False)
 
-    def _fused_decode(self, blocks: fused_decode.Plan, chunks, new_slots: torch.Tensor, decode) -> torch.Tensor:
-        """The step when every chunk is one decoding token: x (B, d_model) through one compiled
-        call per block, each request's key and value written to its pool row and its
-        attention read from its own rows; then the final norm and the head, as in
+    def _fused_decode(self, blocks: fused_decode.Plan, chunks, ids: torch.Tensor, positions: torch.Tensor,
+                      new_slots: torch.Tensor, decode) -> torch.Tensor:
+        """The step when every chunk is one decoding token (ids, positions (B,)): x (B, d_model)
+        through one compiled call per block, each request's key and value written to its pool
+        row and its attention read from its own rows; then the final norm and the head, as in
         `forward_step`."""
         model, kernels = self.model, cpu_kernels._loaded
         _, rows, _, lengths = decode
-        ids = torch.tensor([tokens[0] for tokens, *_ in chunks])
-        positions = torch.tensor([start for _, start, *_ in chunks])
-        x = model.tok_embeddings(ids).contiguous()  # (B, d_model), updated in place
-        cos, sin = model.rope_cos[positions].contiguous(), model.rope_sin[positions].contiguous()  # (B, head_dim)
+        x, cos, sin = fused_decode.step_inputs(model, ids, positions)
         for block, pool in zip(blocks.blocks, self.pools):
             attn_norm, ffn_norm, eps, wqkv, wo, w13, w2, _, _, n_heads, adjacent, _, _ = block  # (no static cache)
             kernels.llama_block_decode_paged(x, attn_norm, ffn_norm, eps, wqkv, wo, w13, w2, pool.k, pool.v,
