@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from reference_engine import cpu_kernels
+from reference_engine.errors import DojoError
 from reference_engine.serve.runner import LayerPool, PagedRunner
 from test_cli import assert_clean_error, run_cli
 from tiny_gguf import random_model, tiny_llama, write_gguf
@@ -287,6 +288,23 @@ def test_the_fused_serving_block_refuses_inconsistent_rows(kernels):
         kernels.llama_block_decode_paged(x, attn_norm, ffn_norm, eps, wqkv, wo, w13, w2, pool.k, pool.v, pool.k_scale,
                                          pool.v_scale, torch.tensor([2, 2]), torch.tensor([[0, 1, 2], [5, 2, 7]]),
                                          lengths, cos, cos, n_heads, adjacent)
+
+
+@pytest.mark.parametrize("path", PagedRunner.DECODE_PATHS)
+def test_two_tokens_writing_one_pool_row_are_refused_down_every_path(kernels, path):
+    """Two requests whose tables share a block, at the same position: their new keys would go
+    to one row. Every path refuses it before writing anything, with the row named."""
+    model = random_model("tiny", seed=2, head_dim=32).float()
+    assert model.pack_for_cpu()
+    runner = PagedRunner(model, N_BLOCKS, 8)
+    runner.decode_path = path
+    runner.forward_step([([1, 2, 3], 0, [0], True), ([4, 5], 0, [1], True)])
+    before = pool_values(runner.pools[0])
+    with pytest.raises(DojoError, match="2 new tokens would write pool row 3"):
+        runner.forward_step([([6], 3, [0], True), ([7], 3, [0], True)])
+    with pytest.raises(DojoError, match="would write pool row 10"):  # a prompt chunk over a decode's row
+        runner.forward_step([([6], 2, [1], True), ([8, 9, 7], 0, [1], True)])
+    assert all(torch.equal(a, b) for a, b in zip(before, pool_values(runner.pools[0]))), "nothing was written"
 
 
 def test_smollm2_serving_steps_read_the_pool_in_place(spy, smollm):

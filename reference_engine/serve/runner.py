@@ -140,6 +140,7 @@ class PagedRunner:
         spans = [range(start, start + len(tokens)) for tokens, start, *_ in chunks]
         positions = torch.tensor([p for span in spans for p in span], device=device)[None]  # (1, N)
         new_slots = torch.cat([self.slots(c[2], span) for c, span in zip(chunks, spans)]).to(device)  # (N,)
+        self._check_distinct(new_slots)
         plan = self._attention_plan(chunks, spans, device)
         decode, prompts = plan
         blocks = self._fused_plan() if decode is not None and not prompts else None
@@ -178,6 +179,17 @@ class PagedRunner:
                                              adjacent)
         sampled = [j for j, c in enumerate(chunks) if c[3]]
         return model.head(model.norm(x[sampled][None]))[0]  # (n sampled, vocab)
+
+    @staticmethod
+    def _check_distinct(new_slots: torch.Tensor) -> None:
+        """Two new tokens writing one pool row would leave one of them lost (index_copy_ keeps
+        either; the fused block refuses): the scheduler never builds such tables, and a
+        caller that does gets told, down every path alike."""
+        rows, counts = torch.unique(new_slots, return_counts=True)
+        if bool((counts > 1).any()):
+            row = int(rows[counts > 1][0])
+            raise DojoError(f"forward_step: {int(counts.max())} new tokens would write pool row {row}; each token "
+                            "needs a row of its own (check the block tables and positions of the chunks)")
 
     def _attention_plan(self, chunks, spans, device) -> tuple:
         """Which tokens attend to which pool rows, worked out once for all layers:
