@@ -101,13 +101,15 @@ class Plan:
 
     def __init__(self, model: "m.Transformer", cache: bool = True):
         self.watch = [(model.__dict__, "config", model.config), (model._modules, "layers", model.layers)]
+        # the norms' functions, read as the modules read them: set on an instance, or on the
+        # class where the instance has none of its own (a learner may set either)
+        self.norms = [norm for layer in model.layers for norm in (layer.attn_norm, layer.ffn_norm)]
         self.modules, self.linears, self.blocks = [], [], []
         for i, layer in enumerate(model.layers):
             attn, mlp = layer.attn, layer.mlp
             linears = (attn.wqkv, attn.wo, mlp.w13, mlp.w2)
             self.watch += [(model.layers._modules, str(i), layer), (attn.__dict__, "attend", attn.attend),
                            (attn.__dict__, "rotate", attn.rotate),
-                           *((norm.__dict__, "fused", None) for norm in (layer.attn_norm, layer.ffn_norm)),
                            (mlp._modules, "w13", mlp.w13), (mlp._modules, "w2", mlp.w2),
                            (attn._modules, "wqkv", attn.wqkv), (attn._modules, "wo", attn.wo)]
             self.watch += [(layer._modules, name, getattr(layer, name)) for name in _OWN_MODULES]
@@ -144,11 +146,13 @@ class Plan:
     def holds(self) -> bool:
         return (cpu_kernels._loaded is not None and not torch.is_grad_enabled() and not _global_hooks()
                 and all(map(operator.is_, map(dict.get, self.wheres, self.keys), self.values))
+                and not any(map(_FUSED, self.norms))
                 and not any(self.hook_dicts)
                 and list(map(_VERSION, self.tensors)) == self.versions)
 
 
 _VERSION = operator.attrgetter("_version")
+_FUSED = operator.attrgetter("fused")
 
 
 def _sources(lin) -> list[torch.Tensor]:

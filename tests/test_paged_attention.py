@@ -240,13 +240,13 @@ def test_a_bfloat16_pool_a_learners_attention_and_a_hook_run_as_modules(kernels,
     assert seen.count(2) == 6, "the hook ran at every step"
 
 
-@pytest.mark.parametrize("swap", ["rope", "norm"])
+@pytest.mark.parametrize("swap", ["rope", "norm", "norm-class"])
 def test_a_rope_or_norm_function_set_in_place_keeps_the_blocks_as_modules(kernels, monkeypatch, swap):
-    """A learner's RoPE or RMSNorm function, set on the modules after the fused plan was made,
-    runs at every step: the plan no longer holds, and the blocks run as modules (the static
-    cache's fused step too: `fused_decode.applies`)."""
+    """A learner's RoPE or RMSNorm function, set on the modules (or, for the norm, on its
+    class) after the fused plan was made, runs at every step: the plan no longer holds, and
+    the blocks run as modules (the static cache's fused step too: `fused_decode.applies`)."""
     from reference_engine import fused_decode
-    from reference_engine.model import rms_norm
+    from reference_engine.model import RMSNorm, rms_norm
 
     model = random_model("tiny", seed=2, head_dim=32).float()
     assert model.pack_for_cpu()
@@ -257,13 +257,16 @@ def test_a_rope_or_norm_function_set_in_place_keeps_the_blocks_as_modules(kernel
     for layer in model.layers:
         if swap == "rope":
             layer.attn.rotate = lambda *a, rope=layer.attn.rotate: seen.append(1) or rope(*a)
-        else:
+        elif swap == "norm":
             layer.ffn_norm.fused = lambda x, weight, eps: seen.append(1) or rms_norm(x, weight, eps)
+    if swap == "norm-class":  # both norms of every block
+        monkeypatch.setattr(RMSNorm, "fused", staticmethod(lambda x, weight, eps: seen.append(1) or rms_norm(x, weight, eps)))
     with torch.inference_mode():
         assert not plan.holds() and not fused_decode.applies(model) and not fused_decode.applies(model, cache=False)
     monkeypatch.setattr(kernels, "llama_block_decode_paged", lambda *a: pytest.fail("the fused block ran"))
     decode_steps(PagedRunner(model, N_BLOCKS, 8), model.config.vocab_size)
-    assert len(seen) == 6 * model.config.n_layers, "the learner's function ran at every step"
+    per_step = 2 * model.config.n_layers + 1 if swap == "norm-class" else model.config.n_layers  # (+ the final norm)
+    assert len(seen) == 6 * per_step, "the learner's function ran at every step"
 
 
 def test_the_fused_serving_block_refuses_inconsistent_rows(kernels):
