@@ -20,6 +20,7 @@
 // memory, 15 alternating rounds).
 #include "paged_attention.h"
 
+#include <algorithm>
 #include <cmath>
 #include <type_traits>
 
@@ -128,13 +129,20 @@ void check_tables(const torch::Tensor& rows, const torch::Tensor& lengths, int64
               op, ": rows must be int64 (requests, slots) and lengths int64 (requests,), on the CPU");
   const int64_t L = rows.size(1);
   const int64_t *prows = rows.data_ptr<int64_t>(), *plen = lengths.data_ptr<int64_t>();
-  // every row read must be in the pool: a wrong table would read other memory, not fail
+  // every row read must be in the pool: a wrong table would read other memory, not fail.
+  // Checked as each request's smallest and largest row, a loop the compiler vectorises (with
+  // a check per slot, 16 requests at 200 slots took about 2 us a layer, 60 a step); the slot
+  // to name is looked for only when one is out.
   for (int64_t b = 0; b < B; ++b) {
     TORCH_CHECK(plen[b] >= 1 && plen[b] <= L, op, ": request ", b, " has length ", plen[b],
                 "; a length must be 1 to the table's ", L, " slots");
+    const int64_t* row = prows + b * L;
+    int64_t lo = row[0], hi = row[0];
+    for (int64_t s = 1; s < plen[b]; ++s) lo = std::min(lo, row[s]), hi = std::max(hi, row[s]);
+    if (lo >= 0 && hi < pool_rows) continue;
     for (int64_t s = 0; s < plen[b]; ++s)
-      TORCH_CHECK(prows[b * L + s] >= 0 && prows[b * L + s] < pool_rows, op, ": request ", b, " slot ", s,
-                  " is pool row ", prows[b * L + s], ", outside the pool's ", pool_rows, " rows");
+      TORCH_CHECK(row[s] >= 0 && row[s] < pool_rows, op, ": request ", b, " slot ", s, " is pool row ", row[s],
+                  ", outside the pool's ", pool_rows, " rows");
   }
 }
 
