@@ -22,6 +22,7 @@ while autograd records.
 
 from __future__ import annotations
 
+import itertools
 import operator
 
 import torch
@@ -146,7 +147,7 @@ class Plan:
     def holds(self) -> bool:
         return (cpu_kernels._loaded is not None and not torch.is_grad_enabled() and not _global_hooks()
                 and all(map(operator.is_, map(dict.get, self.wheres, self.keys), self.values))
-                and not any(map(_FUSED, self.norms))
+                and all(map(operator.is_, map(_FUSED, self.norms), itertools.repeat(None)))
                 and not any(self.hook_dicts)
                 and list(map(_VERSION, self.tensors)) == self.versions)
 

@@ -1,5 +1,5 @@
-// The row-wise steps of a decode block (llama_block_decode, decode_kernels.cpp), one
-// function each, for B rows at a time: scratch memory kept between calls, RMSNorm, RoPE,
+// The row-wise steps of a decode block (decode_kernels.cpp's run_block, behind
+// llama_block_decode and llama_block_decode_paged), one function each, for B rows at a time: scratch memory kept between calls, RMSNorm, RoPE,
 // SwiGLU, and the writes of each row's new key and value heads into a static cache or a
 // serving pool (float32, float16, or int8 codes with a scale per 32 values).
 #pragma once
@@ -17,7 +17,7 @@
 
 namespace dojo {
 
-// n floats of scratch memory for one call of llama_block_decode, reused by the next call
+// n floats of scratch memory for one block call (run_block), reused by the next call
 // from the same thread (the caller's; the parallel loops inside only index into it).
 // Vectors made per call zero-filled their 470 KB at batch 16 every time (30 blocks: 6.20
 // against 6.32 ms at 16 rows and 100 slots, 15 alternating rounds).
@@ -141,8 +141,7 @@ void cache_and_attend(const float* qkv, int64_t B, int64_t H, int64_t KV, int64_
       store_head(row + (H + KV + g) * D, D, vc + at, vs ? vs + at / kKvBlock : nullptr);
     }
   });
-  attend_rows<T>(qkv, B, H, KV, D, kc, vc, ks, vs, row_stride, head_stride, slot + 1, valid, valid_stride,
-                       att);
+  attend_rows<T>(qkv, B, H, KV, D, kc, vc, ks, vs, row_stride, head_stride, slot + 1, valid, valid_stride, att);
 }
 
 // Write each row's new key and value heads (rows of qkv, after RoPE) into pool row

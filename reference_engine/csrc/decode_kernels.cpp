@@ -19,9 +19,9 @@
 // (`quant_matmul.cpp`, integer dot products). Tests hold all of it to the PyTorch path.
 #include <torch/extension.h>
 
-#include "decode_attention.h"
 #include "block_steps.h"
 #include "ceilings.h"
+#include "decode_attention.h"
 #include "packed_matmul.h"
 #include "paged_attention.h"
 #include "quant_matmul.h"
@@ -31,7 +31,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <string>
 #include <vector>
 
