@@ -31,7 +31,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <string>
 #include <vector>
 
 namespace {
@@ -45,11 +44,12 @@ using dojo::scratch;
 using dojo::store_rows;
 using dojo::swiglu;
 
-void check_float_cpu(const torch::Tensor& t, const char* what) {
-  TORCH_CHECK(t.scalar_type() == torch::kFloat && t.is_cpu() && t.is_contiguous(), what,
+// what: the tensor's name, in parts (joined only when the check fails)
+template <typename... Name>
+void check_float_cpu(const torch::Tensor& t, const Name&... what) {
+  TORCH_CHECK(t.scalar_type() == torch::kFloat && t.is_cpu() && t.is_contiguous(), what...,
               " must be a contiguous float32 CPU tensor");
 }
-
 
 // A quantized weight (quant_matmul.h) with n_in inputs and n_out outputs: codes, scales d
 // (float32 or float16) and offsets m (like d), or m a one-element float32 factor (m = factor * d).
@@ -87,7 +87,7 @@ struct Weight {
       : parts(p), n_in(in), n_out(out) {
     if (parts.size() == 1) {
       const torch::Tensor& w = parts[0];
-      check_float_cpu(w, (std::string(op) + ": a packed weight").c_str());
+      check_float_cpu(w, op, ": a packed weight");
       TORCH_CHECK(w.dim() == 3 && w.size(1) == n_in && w.size(0) * kLanes >= n_out, op, ": a packed weight has shape ",
                   w.sizes(), " for ", n_in, " inputs and ", n_out, " outputs");
     } else {

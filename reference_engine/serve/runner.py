@@ -186,10 +186,11 @@ class PagedRunner:
         either; the fused block refuses): the scheduler never builds such tables, and a
         caller that does gets told, down every path alike."""
         rows, counts = torch.unique(new_slots, return_counts=True)
-        if bool((counts > 1).any()):
-            row = int(rows[counts > 1][0])
-            raise DojoError(f"forward_step: {int(counts.max())} new tokens would write pool row {row}; each token "
-                            "needs a row of its own (check the block tables and positions of the chunks)")
+        shared = counts > 1
+        if bool(shared.any()):
+            row, n = int(rows[shared][0]), int(counts[shared][0])
+            raise DojoError(f"forward_step: {n} new tokens would write pool row {row}; each token needs a row of "
+                            "its own (check the block tables and positions of the chunks)")
 
     def _attention_plan(self, chunks, spans, device) -> tuple:
         """Which tokens attend to which pool rows, worked out once for all layers:
