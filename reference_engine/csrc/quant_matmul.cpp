@@ -60,21 +60,100 @@ void quantize_row(const float* x, int64_t nb, int64_t M, int8_t* a, float* dx, f
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-// The same for one row, 32 values in two registers at a time (the plain loop does not
+// The same for one block of 32 values at x, in two registers (the plain loop does not
 // vectorise: nearbyint and the int8 narrowing stop the compiler). cvtps_epi32 rounds half
 // to even under the default rounding mode, as nearbyint does.
-void quantize_row_simd(const float* x, int64_t nb, int64_t M, int8_t* a, float* dx, float* sx) {
-  for (int64_t b = 0; b < nb; ++b) {
-    const __m512 x0 = _mm512_loadu_ps(x + b * kQBlock), x1 = _mm512_loadu_ps(x + b * kQBlock + 16);
-    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
-    const float scale = amax / 127.0f;
-    const __m512 inverse = _mm512_set1_ps(scale > 0.0f ? 1.0f / scale : 0.0f);
-    const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, inverse));
-    const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, inverse));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(a + b * M * kQBlock), _mm512_cvtepi32_epi8(q0));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(a + b * M * kQBlock + 16), _mm512_cvtepi32_epi8(q1));
-    dx[b * M] = scale;
-    sx[b * M] = scale * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)));
+inline void quantize_block(const float* x, int8_t* a, float* dx, float* sx) {
+  const __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_loadu_ps(x + 16);
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
+  const float scale = amax / 127.0f;
+  const __m512 inverse = _mm512_set1_ps(scale > 0.0f ? 1.0f / scale : 0.0f);
+  const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, inverse));
+  const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, inverse));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(a), _mm512_cvtepi32_epi8(q0));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(a + 16), _mm512_cvtepi32_epi8(q1));
+  *dx = scale;
+  *sx = scale * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)));
+}
+
+// The lanes each level of reduce16 takes from a pair (A, B). Before level l, A and B each
+// hold 16 >> l original vectors' partial results, 2g of them each (g = 8 >> l); the level
+// halves that: out lane j (A's for j < 8, B's from j = 8, whose indices count from 16) is
+// partial p = (j % 8) % g of the source's vector k = (j % 8) / g, combined with the partial
+// g lanes on.
+struct ReduceLanes {
+  int32_t lo[4][16], hi[4][16];
+  constexpr ReduceLanes() : lo(), hi() {
+    for (int l = 0; l < 4; ++l)
+      for (int j = 0, g = 8 >> l; j < 16; ++j) {
+        const int k = (j % 8) / g, p = (j % 8) % g;
+        lo[l][j] = (j < 8 ? 0 : 16) + k * 2 * g + p;
+        hi[l][j] = lo[l][j] + g;
+      }
+  }
+};
+alignas(64) constexpr ReduceLanes kReduceLanes;
+
+// Lane j of the result: op over the 16 lanes of v[j], for 16 vectors at once (v is
+// overwritten). Reduced one at a time, each vector takes 4 shuffle-and-op steps whose later
+// ones use a fraction of the register; here every step works on full registers: each level
+// puts a pair's partial results side by side, A's in the low half and B's in the high half,
+// so 8 + 4 + 2 + 1 steps do the work of 16 x 4.
+template <typename Op>
+inline __m512i reduce16(__m512i* v, Op op) {
+  for (int l = 0; l < 4; ++l) {
+    const __m512i lo = _mm512_load_si512(kReduceLanes.lo[l]), hi = _mm512_load_si512(kReduceLanes.hi[l]);
+    for (int i = 0; i < (8 >> l); ++i)
+      v[i] = op(_mm512_permutex2var_epi32(v[2 * i], lo, v[2 * i + 1]),
+                _mm512_permutex2var_epi32(v[2 * i], hi, v[2 * i + 1]));
+  }
+  return v[0];
+}
+
+// quantize_rows, 16 blocks at a time: their 16 maxima and 16 sums are reduced together
+// (reduce16) and their scales divided in one vector. Bit for bit quantize_block's results:
+// the same divisions, products and rounding, lane by lane. Block j of x (row j / nb, block
+// j % nb) starts at x + 32 j; it is stored at (b * M + r), block-major. 16 rows, one thread,
+// a C++ loop: 1.33 -> 0.95 us for 576 inputs, 3.5 -> 2.5 us for 1536, against quantize_block
+// for each block (four calls in each of a batch-16 step's 30 blocks: about 40 us a step).
+void quantize_rows_simd(const float* x, int64_t M, int64_t K, int8_t* a, float* dx, float* sx) {
+  const int64_t nb = K / kQBlock, total = M * nb;
+  int64_t r = 0, b = 0, j = 0;
+  for (; j + 16 <= total; j += 16) {
+    const float* xj = x + j * kQBlock;
+    __m512i part[16];
+    for (int i = 0; i < 16; ++i) {
+      const __m512 x0 = _mm512_loadu_ps(xj + i * kQBlock), x1 = _mm512_loadu_ps(xj + i * kQBlock + 16);
+      part[i] = _mm512_castps_si512(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
+    }
+    const __m512 amax = _mm512_castsi512_ps(reduce16(part, [](__m512i u, __m512i v) {
+      return _mm512_castps_si512(_mm512_max_ps(_mm512_castsi512_ps(u), _mm512_castsi512_ps(v)));
+    }));
+    const __m512 scale = _mm512_div_ps(amax, _mm512_set1_ps(127.0f));
+    const __m512 inverse = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(scale, _mm512_setzero_ps(), _CMP_GT_OQ),
+                                               _mm512_set1_ps(1.0f), scale);
+    alignas(64) float inv[16], sc[16];
+    _mm512_store_ps(inv, inverse);
+    _mm512_store_ps(sc, scale);
+    int64_t at[16];  // where block i's results go, (b * M + r)
+    for (int i = 0; i < 16; ++i) {
+      at[i] = b * M + r;
+      const __m512 v = _mm512_set1_ps(inv[i]);
+      const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xj + i * kQBlock), v));
+      const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xj + i * kQBlock + 16), v));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(a + at[i] * kQBlock), _mm512_cvtepi32_epi8(q0));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(a + at[i] * kQBlock + 16), _mm512_cvtepi32_epi8(q1));
+      part[i] = _mm512_add_epi32(q0, q1);
+      if (++b == nb) b = 0, ++r;
+    }
+    alignas(64) float sums[16];
+    _mm512_store_ps(sums, _mm512_mul_ps(scale, _mm512_cvtepi32_ps(reduce16(part, _mm512_add_epi32))));
+    for (int i = 0; i < 16; ++i) dx[at[i]] = sc[i], sx[at[i]] = sums[i];
+  }
+  for (; j < total; ++j) {
+    const int64_t at = b * M + r;
+    quantize_block(x + j * kQBlock, a + at * kQBlock, dx + at, sx + at);
+    if (++b == nb) b = 0, ++r;
   }
 }
 #endif
@@ -82,16 +161,10 @@ void quantize_row_simd(const float* x, int64_t nb, int64_t M, int8_t* a, float* 
 }  // namespace
 
 void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* a, float* dx, float* sx, bool simd) {
-  const int64_t nb = K / kQBlock;
-  for (int64_t r = 0; r < M; ++r) {
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-    if (simd) {
-      quantize_row_simd(x + r * K, nb, M, a + r * kQBlock, dx + r, sx + r);
-      continue;
-    }
+  if (simd) return quantize_rows_simd(x, M, K, a, dx, sx);
 #endif
-    quantize_row(x + r * K, nb, M, a + r * kQBlock, dx + r, sx + r);
-  }
+  for (int64_t r = 0; r < M; ++r) quantize_row(x + r * K, K / kQBlock, M, a + r * kQBlock, dx + r, sx + r);
 }
 
 namespace {
