@@ -26,7 +26,7 @@ import torch
 
 FOLDER = Path(__file__).parent / "csrc"
 SOURCES = [FOLDER / "decode_kernels.cpp", FOLDER / "packed_matmul.cpp", FOLDER / "quant_matmul.cpp",
-           FOLDER / "paged_attention.cpp", FOLDER / "ceilings.cpp"]  # and the headers they share
+           FOLDER / "paged_attention.cpp", FOLDER / "ceilings.cpp", FOLDER / "argmax.cpp"]  # and the headers they share
 
 _loaded = None  # the compiled module, once loaded
 _error: str | None = None  # why it is not available, for `bench`
