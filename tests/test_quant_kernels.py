@@ -39,15 +39,18 @@ def test_this_machine_runs_the_vector_path(kernels):
     assert kernels.have_vnni()
 
 
-@pytest.mark.parametrize("rows", [1, 3, 8, 13, 64])
-def test_activation_codes_equal_the_pytorch_rounding(kernels, rows):
+# the vector path quantizes 16 blocks at a time: fewer than 16 in all (1 and 3 rows of 3
+# blocks), groups that span rows (8, 13, 64), and groups inside one row (1536 inputs: 48 blocks)
+@pytest.mark.parametrize("rows,n_in", [(1, 96), (3, 96), (8, 96), (13, 96), (64, 96), (3, 1536)])
+def test_activation_codes_equal_the_pytorch_rounding(kernels, rows, n_in):
     torch.manual_seed(rows)
-    x = torch.randn(rows, 96) * torch.logspace(-3, 2, 96)  # blocks with small and large ranges
+    nb = n_in // 32
+    x = torch.randn(rows, n_in) * torch.logspace(-3, 2, n_in)  # blocks with small and large ranges
     x[0, :32] = 0.0  # an all-zero block: scale 0, codes 0
     for simd in (True, False):
         a, dx, sx = kernels.quantize_rows(x, simd=simd)
-        assert torch.equal((a.float().view(rows, 3, 32) * dx[..., None]).view(rows, 96), quantize_activations(x))
-        assert torch.equal(sx, dx * a.view(rows, 3, 32).sum(-1).float())
+        assert torch.equal((a.float().view(rows, nb, 32) * dx[..., None]).view(rows, n_in), quantize_activations(x))
+        assert torch.equal(sx, dx * a.view(rows, nb, 32).sum(-1).float())
     ties = torch.tensor([[0.5, 1.5, 2.5, -0.5, 127.0] + [0.0] * 27])  # scale 1: x / dx lands on .5
     a, dx, _ = kernels.quantize_rows(ties)
     assert dx[0, 0] == 1.0 and a[0, :5].tolist() == [0, 2, 2, 0, 127], "half to even, as torch.round"
