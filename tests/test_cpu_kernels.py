@@ -271,6 +271,32 @@ def test_an_int8_cache_decodes_as_the_modules_do(counting, monkeypatch):
     assert torch.equal(fused.argmax(-1), full.argmax(-1))
 
 
+def test_a_nan_in_one_key_channel_reaches_the_int8_cache_as_the_modules_write_it(counting, monkeypatch):
+    """One NaN among a block's 32 keys (channel 5 of layer 0's first KV head, from a NaN row
+    of wqkv): `quantize_kv` gives that block a NaN scale and codes 0, and so must the fused
+    step's cache write. A float max drops a NaN in most lanes, and wrote the block as if it
+    were fine: the NaN was gone from the cache."""
+    model = random_model("tiny", seed=3, n_heads=4, n_kv_heads=2, head_dim=64).float()
+    with torch.no_grad():
+        model.layers[0].attn.wqkv.weight[4 * 64 + 5] = float("nan")  # rows [Q (4 heads); K; V]
+    assert model.pack_for_cpu()
+    model.set_kv_dtype("int8")
+    prompts = [[5, 6, 7], [8, 9, 10]]
+    scales = []
+
+    def keep(model):
+        scales.append(model.layers[0].attn.kv_cache.k_scale.clone())  # (rows, KV, slots, 2)
+
+    before = counting.blocks
+    decode_logits(model, prompts, steps=2, before_clear=keep)
+    assert counting.blocks - before == 2 * model.config.n_layers, "the fused step wrote the cache"
+    monkeypatch.setattr(fused_decode, "plan_for", lambda model: None)
+    decode_logits(model, prompts, steps=2, before_clear=keep)
+    fused, modules = scales
+    assert modules[:, 0, :, 0].isnan().all() and not modules[:, 1].isnan().any(), "quantize_kv: that block only"
+    assert torch.equal(fused.isnan(), modules.isnan())
+
+
 def test_int8_codes_round_each_block_of_32_to_its_own_scale():
     x = torch.randn(3, 2, 5, 64) * torch.logspace(-3, 2, 64)  # blocks of very different ranges
     x[0, 0, 0, :32] = 0.0  # an all-zero block: scale 0, codes 0

@@ -56,6 +56,29 @@ def test_activation_codes_equal_the_pytorch_rounding(kernels, rows, n_in):
     assert dx[0, 0] == 1.0 and a[0, :5].tolist() == [0, 2, 2, 0, 127], "half to even, as torch.round"
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("rows,at", [(16, (5, 0)), (16, (5, 19)), (16, (5, 31)), (3, (2, 500))])
+def test_a_nan_or_an_infinity_in_the_activations_comes_out_as_nan(kernels, bad, rows, at):
+    """As in the PyTorch twin: the bad value's block is all NaN, and so is its row of the
+    product, down both paths. A max that skipped the NaN (by lane: 0, 19 and 31 of a block
+    were treated differently) would quantize the rest of the block and hide it. Row 2 of 3
+    at column 500 lies in the blocks left after the groups of 16."""
+    torch.manual_seed(rows)
+    layer = COVERED["Q4_1"](torch.randn(37, 576))
+    assert layer.prepare_kernel()
+    k = layer.kernel
+    x = torch.randn(rows, 576)
+    x[at] = bad
+    twin = quantize_activations(x)
+    others = torch.arange(rows) != at[0]
+    for simd in (True, False):
+        a, dx, _ = kernels.quantize_rows(x, simd=simd)
+        codes = (a.float().view(rows, 18, 32) * dx[..., None]).view(rows, 576)
+        assert torch.equal(codes.isnan(), twin.isnan()) and twin.isnan().sum() == 32
+        y = kernels.quant_linear(x, k.codes, k.d, k.m, 37, simd=simd)
+        assert y[at[0]].isnan().all() and not y[others].isnan().any()
+
+
 @pytest.mark.parametrize("name", sorted(COVERED))
 @pytest.mark.parametrize("n_out,n_in", [(37, 64), (960, 576), (576, 1536)])
 def test_integer_matmul_equals_its_arithmetic_in_float64(kernels, name, n_out, n_in):
