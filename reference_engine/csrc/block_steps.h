@@ -11,7 +11,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 #include "decode_attention.h"
@@ -102,18 +101,13 @@ inline void store_head(const float* x, int64_t D, c10::Half* out, float* /*scale
 #endif
 }
 
-// (A NaN among a block's values makes its scale NaN and its codes 0, as quantize_kv's do: the
-// maximum is taken on the bits, where a NaN ranks above every number; a float max drops a
-// NaN in most lanes, and the block was written as if nothing were wrong.)
+// (A NaN among a block's values makes its scale NaN and its codes 0, as quantize_kv's do:
+// abs_max, vec16.h.)
 inline void store_head(const float* x, int64_t D, int8_t* out, float* scale) {
   for (int64_t b = 0; b < D; b += kKvBlock) {
 #if defined(__AVX512F__)
     const __m512 x0 = _mm512_loadu_ps(x + b), x1 = _mm512_loadu_ps(x + b + kLanes);
-    const int32_t bits = _mm512_reduce_max_epi32(
-        _mm512_max_epi32(_mm512_castps_si512(_mm512_abs_ps(x0)), _mm512_castps_si512(_mm512_abs_ps(x1))));
-    float amax;
-    std::memcpy(&amax, &bits, sizeof amax);
-    const float d = amax / 127.0f;
+    const float d = abs_max(x0, x1) / 127.0f;
     scale[b / kKvBlock] = d;
     if (d > 0.0f) {  // division, not a multiply by 1 / d, and cvtps rounds half to even: quantize_kv's codes
       const __m512 dv = _mm512_set1_ps(d);
@@ -124,10 +118,7 @@ inline void store_head(const float* x, int64_t D, int8_t* out, float* scale) {
       std::fill(out + b, out + b + kKvBlock, int8_t{0});
     }
 #else
-    float amax = 0.0f;
-    for (int64_t i = b; i < b + kKvBlock; ++i)
-      amax = std::isnan(x[i]) || std::isnan(amax) ? NAN : std::max(amax, std::fabs(x[i]));
-    const float d = amax / 127.0f;
+    const float d = abs_max(x + b, kKvBlock) / 127.0f;
     scale[b / kKvBlock] = d;
     for (int64_t i = b; i < b + kKvBlock; ++i)
       out[i] = d > 0.0f && std::isfinite(d) ? static_cast<int8_t>(std::nearbyint(x[i] / d)) : 0;

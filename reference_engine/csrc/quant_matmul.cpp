@@ -28,30 +28,27 @@
 // multiply-adds/s with this layout and the row loop unrolled; 1 row: unchanged).
 #include "quant_matmul.h"
 
+#include "vec16.h"
+
 #include <c10/util/Half.h>
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <limits>
 
 namespace dojo {
 
 namespace {
 
 // The plain loop of quantize_rows, for one row (its block b goes to a + b * M * 32, dx + b * M).
-// A block holding a NaN or an infinity gets that as its scale (a NaN wins) and codes 0, so
-// that every product it enters is NaN, as in the PyTorch twin: a max that skipped the NaN
-// would quantize the rest of the block as if nothing were wrong, and hide it.
+// A block holding a NaN or an infinity gets that as its scale (abs_max: a NaN wins) and
+// codes 0, so that every product it enters is NaN, as in the PyTorch twin.
 void quantize_row(const float* x, int64_t nb, int64_t M, int8_t* a, float* dx, float* sx) {
   for (int64_t b = 0; b < nb; ++b) {
     const float* xb = x + b * kQBlock;
     int8_t* ab = a + b * M * kQBlock;
-    float amax = 0.0f;
-    bool nan = false;
-    for (int64_t k = 0; k < kQBlock; ++k) amax = std::max(amax, std::fabs(xb[k])), nan |= std::isnan(xb[k]);
-    const float scale = nan ? std::numeric_limits<float>::quiet_NaN() : amax / 127.0f;
+    const float scale = abs_max(xb, kQBlock) / 127.0f;
     const float inverse = scale > 0.0f ? 1.0f / scale : 0.0f;
     int32_t total = 0;
     for (int64_t k = 0; k < kQBlock; ++k) {
@@ -65,23 +62,12 @@ void quantize_row(const float* x, int64_t nb, int64_t M, int8_t* a, float* dx, f
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-// The largest |x| of two registers' lanes, lane by lane, taken on the bits: for floats
-// without their sign, integer order is float order, with an infinity above every finite
-// value and a NaN above that, so a NaN or an infinity wins, as quantize_row needs (a float
-// max returns its second operand when either is NaN, and drops the NaN by lane).
-inline __m512i abs_max_bits(__m512 x0, __m512 x1) {
-  return _mm512_max_epi32(_mm512_castps_si512(_mm512_abs_ps(x0)), _mm512_castps_si512(_mm512_abs_ps(x1)));
-}
-
 // The same for one block of 32 values at x, in two registers (the plain loop does not
 // vectorise: nearbyint and the int8 narrowing stop the compiler). cvtps_epi32 rounds half
 // to even under the default rounding mode, as nearbyint does.
 inline void quantize_block(const float* x, int8_t* a, float* dx, float* sx) {
   const __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_loadu_ps(x + 16);
-  const int32_t bits = _mm512_reduce_max_epi32(abs_max_bits(x0, x1));
-  float amax;
-  std::memcpy(&amax, &bits, sizeof amax);
-  const float scale = amax / 127.0f;
+  const float scale = abs_max(x0, x1) / 127.0f;
   const __m512 inverse = _mm512_set1_ps(scale > 0.0f ? 1.0f / scale : 0.0f);
   const __mmask16 keep = std::isfinite(scale) ? 0xFFFF : 0;  // else codes 0 (quantize_row)
   const __m512i q0 = _mm512_maskz_cvtps_epi32(keep, _mm512_mul_ps(x0, inverse));

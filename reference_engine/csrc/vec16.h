@@ -1,7 +1,13 @@
 // 16-float vectors (GCC/Clang vector extensions) and the few functions of them the decode
-// kernels share: a horizontal sum, a dot product, e^x.
+// kernels share: a horizontal sum, a dot product, e^x; and the largest magnitude of a block,
+// which the int8 quantizers (activations, the KV cache) start from.
 #pragma once
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -81,5 +87,35 @@ inline vec16 exp16(vec16 x) {
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
 }
+
+// The largest |x[i]| of n values, a NaN if any is NaN: an int8 quantizer's scale, which must
+// then be NaN so that the block's values come out NaN, as PyTorch's amax gives them (a max
+// that skipped the NaN would quantize the rest of the block as if nothing were wrong).
+inline float abs_max(const float* x, int64_t n) {
+  float m = 0.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    if (std::isnan(x[i])) return x[i];
+    m = std::max(m, std::fabs(x[i]));
+  }
+  return m;
+}
+
+#if defined(__AVX512F__)
+// The same, lane by lane, for two registers, taken on the bits: for floats without their
+// sign, integer order is float order, with an infinity above every finite value and a NaN
+// above that, so a NaN wins (a float max returns its second operand when either is NaN,
+// and drops the NaN by lane).
+inline __m512i abs_max_bits(__m512 x0, __m512 x1) {
+  return _mm512_max_epi32(_mm512_castps_si512(_mm512_abs_ps(x0)), _mm512_castps_si512(_mm512_abs_ps(x1)));
+}
+
+// abs_max of the 32 values in two registers.
+inline float abs_max(__m512 x0, __m512 x1) {
+  const int32_t bits = _mm512_reduce_max_epi32(abs_max_bits(x0, x1));
+  float m;
+  std::memcpy(&m, &bits, sizeof m);
+  return m;
+}
+#endif
 
 }  // namespace dojo
